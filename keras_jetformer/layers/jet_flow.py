@@ -10,7 +10,6 @@ p the flow's own patch size, N = (H / p) * (W / p) tokens, D = p * p * C.
 import itertools
 
 import keras
-from keras import ops
 
 from keras_jetformer.layers.jet_coupling import COUPLING_KINDS
 from keras_jetformer.layers.jet_coupling import JetCoupling
@@ -18,6 +17,13 @@ from keras_jetformer.layers.patching import grid_to_tokens
 from keras_jetformer.layers.patching import patchify
 from keras_jetformer.layers.patching import tokens_to_grid
 from keras_jetformer.layers.patching import unpatchify
+
+
+def _sum(tensors):
+    total = tensors[0]
+    for tensor in tensors[1:]:
+        total = total + tensor
+    return total
 
 
 class JetFlow(keras.layers.Layer):
@@ -197,26 +203,26 @@ class JetFlow(keras.layers.Layer):
         if not self.built:
             self.build(x.shape)
         tokens = self._to_tokens(x)
-        logdet = ops.zeros((ops.shape(x)[0],), "float32")
+        logdets = []
         for coupling in self.couplings:
             tokens, coupling_logdet = coupling.forward(
                 tokens, context=context, training=training
             )
-            logdet = logdet + coupling_logdet
-        return self._from_tokens(tokens), logdet
+            logdets.append(coupling_logdet)
+        return self._from_tokens(tokens), _sum(logdets)
 
     def inverse(self, z, context=None, training=None):
         """Map `z` back to `(x, logdet)`; `logdet` is `-forward`'s."""
         if not self.built:
             self.build(z.shape)
         tokens = self._to_tokens(z)
-        logdet = ops.zeros((ops.shape(z)[0],), "float32")
+        logdets = []
         for coupling in reversed(self.couplings):
             tokens, coupling_logdet = coupling.inverse(
                 tokens, context=context, training=training
             )
-            logdet = logdet + coupling_logdet
-        return self._from_tokens(tokens), logdet
+            logdets.append(coupling_logdet)
+        return self._from_tokens(tokens), _sum(logdets)
 
     def call(self, x, context=None, inverse=False, training=None):
         if inverse:
