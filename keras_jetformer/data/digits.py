@@ -254,7 +254,7 @@ def digits_dataset(
         batch_size: when given, batch the elements. Training datasets
             (`shuffle` or `repeat` set) drop the last partial batch so that
             every batch has a static shape. Other datasets keep it, so
-            evaluation sees every digit.
+            evaluation covers every digit.
         shuffle: shuffle the whole split, in a new order every epoch.
         seed: integer seed of the shuffle and of the caption draws.
         repeat: repeat the split without end.

@@ -57,7 +57,7 @@ def _load(name, split, data_dir, shuffle, seed, download):
         if download or "could not find data" not in str(error):
             raise
         raise FileNotFoundError(
-            f"The TFDS dataset {name!r} is not prepared in the data "
+            f"The prepared TFDS dataset {name!r} was not found in the data "
             f"directory. Run `tfds build {_base_name(name)}` first, or pass "
             "download=True. "
             f"Received: name={name!r}, data_dir={data_dir!r}"
@@ -114,7 +114,6 @@ def _describe_spec(element_spec, prefix=""):
     return ", ".join(parts)
 
 
-
 @functools.lru_cache(maxsize=1)
 def _wordnet_id_to_class_name():
     """Map ImageNet-1k WordNet ids to class names, e.g. "n01440764" to
@@ -154,7 +153,7 @@ def _class_names(info, element_spec, name, label_names):
     if not isinstance(label_feature, tfds.features.ClassLabel):
         if label_names is not None:
             raise ValueError(
-                f"`label_names` needs a dataset with a `ClassLabel` "
+                "`label_names` needs a dataset with a `ClassLabel` "
                 f"{LABEL_KEY!r} feature, and {name!r} has none. "
                 f"Received: label_names={label_names!r}"
             )
@@ -251,8 +250,10 @@ def _pick_caption(captions, draw):
 
 
 def _attach_prompts(dataset, prompt_source, seed, random_captions):
-    """Add "prompts" to elements that have "labels" and, for a caption
-    dataset, "captions"; drop "captions".
+    """Add a "prompts" string to each element and drop its "captions".
+
+    The elements contain "images", "labels" and, for a caption dataset,
+    "captions".
 
     `prompt_source` is "captions", "digits", a list of class prompts or None
     (every prompt is the empty string). Random choices are drawn as in
@@ -299,8 +300,9 @@ def _attach_prompts(dataset, prompt_source, seed, random_captions):
     return dataset.map(add_class_prompt, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def _check_arguments(name, split, image_size, batch_size, seed,
-                     shuffle_buffer_size):
+def _check_arguments(
+    name, split, image_size, batch_size, seed, shuffle_buffer_size
+):
     if not isinstance(name, str) or not name:
         raise ValueError(
             "`name` must be a non-empty TFDS dataset name such as 'mnist'. "
@@ -337,7 +339,7 @@ def tfds_dataset(
     The prompt of an element comes from, in this order of preference:
 
     - a caption feature (`caption_key`, or the first of `CAPTION_KEYS` that
-      the dataset has, e.g. "captions/text" in coco_captions). When it holds
+      the dataset has, e.g. "captions/text" in coco_captions). When it contains
       several captions, one is drawn at random per element and epoch.
       Elements without a caption get "".
     - the `ClassLabel` "label" feature: "a photo of a {name}", with the TFDS
@@ -379,8 +381,9 @@ def tfds_dataset(
         "labels" (`int32` scalar, -1 without a `ClassLabel` "label" feature),
         with a leading batch dimension when `batch_size` is given.
     """
-    _check_arguments(name, split, image_size, batch_size, seed,
-                     shuffle_buffer_size)
+    _check_arguments(
+        name, split, image_size, batch_size, seed, shuffle_buffer_size
+    )
     dataset, info = _load(name, split, data_dir, shuffle, seed, download)
     element_spec = dataset.element_spec
     _check_image_spec(element_spec, name, image_size, batch_size)

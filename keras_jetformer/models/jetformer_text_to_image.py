@@ -1,0 +1,322 @@
+"""JetFormer text-to-image task: training and image generation."""
+
+import itertools
+
+import keras
+import numpy as np
+from keras import ops
+from keras_hub.models import TextToImage
+
+from keras_jetformer.generation.image_generation import generate_image_tokens
+from keras_jetformer.generation.image_sampling import GUIDANCE_METHODS
+from keras_jetformer.models.jetformer_backbone import JetFormerBackbone
+from keras_jetformer.models.jetformer_text_to_image_preprocessor import (
+    JetFormerTextToImagePreprocessor,
+)
+from keras_jetformer.models.jetformer_training import TRAINING_ARGS_DOC
+from keras_jetformer.models.jetformer_training import TRAINING_CONFIG_DEFAULTS
+from keras_jetformer.models.jetformer_training import JetFormerTrainingMixin
+
+try:
+    import tensorflow as tf
+except ImportError:
+    tf = None
+
+
+class JetFormerTextToImage(JetFormerTrainingMixin, TextToImage):
+    """JetFormer task that generates images from text and trains with `fit`.
+
+    `fit` trains with the JetFormer objective (see `JetFormerTrainingMixin`):
+    the noise curriculum over `training_steps`, dequantization noise, latent
+    input noise, prefix dropout for classifier-free guidance and the
+    bits-per-dimension loss. Inputs are dicts with `"images"` in [0, 255]
+    and `"prompts"` when a preprocessor is attached, or preprocessed dicts
+    (`"images"` in [-1, 1], `"token_ids"`, `"padding_mask"`, optionally
+    `"loss_mask"`) without one.
+
+    `generate()` decodes image tokens autoregressively with a key/value
+    cache, draws the factored-out dimensions from N(0, 1), runs the flow
+    backwards and returns uint8 images.
+
+    Args:
+        backbone: a `JetFormerBackbone`.
+        preprocessor: a `JetFormerTextToImagePreprocessor` or `None`.
+    """ + TRAINING_ARGS_DOC + """
+
+    Example:
+
+    ```python
+    text_to_image = keras_jetformer.models.JetFormerTextToImage(
+        backbone, preprocessor, training_steps=1000
+    )
+    text_to_image.fit(dataset, epochs=1)
+    images = text_to_image.generate(
+        ["a handwritten seven", "a handwritten two"],
+        guidance_scale=3.0,
+        temperature=0.9,
+        seed=0,
+    )
+    ```
+    """
+
+    backbone_cls = JetFormerBackbone
+    preprocessor_cls = JetFormerTextToImagePreprocessor
+
+    def __init__(self, backbone, preprocessor=None, **kwargs):
+        training_config = {
+            name: kwargs.pop(name)
+            for name in list(kwargs)
+            if name in TRAINING_CONFIG_DEFAULTS
+        }
+        # === Layers ===
+        self.backbone = backbone
+        self.preprocessor = preprocessor
+        self._configure_training(**training_config)
+
+        # === Functional Model ===
+        super().__init__(
+            inputs=backbone.input, outputs=backbone.output, **kwargs
+        )
+
+        # === Training state and generation ===
+        self._create_training_state()
+        self.generation_seed_generator = keras.random.SeedGenerator(
+            name="generation_seed_generator"
+        )
+
+    @property
+    def latent_shape(self):
+        backbone = self.backbone
+        return (None, backbone.num_image_tokens, backbone.token_dim)
+
+    # --- Generation ----------------------------------------------------------
+
+    def generate_step(
+        self,
+        token_ids,
+        padding_mask,
+        guidance_scale,
+        temperature,
+        mixture_temperature,
+        guidance_method="closed_form",
+    ):
+        """Generate images `[B, H, W, C]` in [-1, 1] for tokenized prompts.
+
+        `guidance_scale=None` runs without classifier-free guidance.
+        """
+        backbone = self.backbone
+        seed_state = self.generation_seed_generator.state
+        read_only = [
+            variable
+            for variable in self.variables
+            if variable is not seed_state
+        ]
+        modelled = generate_image_tokens(
+            backbone.transformer,
+            token_ids,
+            padding_mask,
+            self.generation_seed_generator,
+            guidance_scale=guidance_scale,
+            temperature=temperature,
+            mixture_temperature=mixture_temperature,
+            guidance_method=guidance_method,
+            read_only_variables=read_only,
+        )
+        factored_shape = (
+            ops.shape(modelled)[0],
+            backbone.num_image_tokens,
+            backbone.token_dim - backbone.image_token_dim,
+        )
+        factored = keras.random.normal(
+            factored_shape, seed=self.generation_seed_generator
+        )
+        tokens = ops.concatenate(
+            [ops.cast(modelled, "float32"), factored], axis=-1
+        )
+        images = backbone.decode_images(tokens)
+        return ops.clip(images, -1.0, 1.0)
+
+    def make_generate_function(self, guided=False, guidance_method="closed_form"):
+        """Return the compiled generation function for these settings.
+
+        Compiled functions are cached per `(guided, guidance_method)`, so
+        repeated calls with the same shapes do not retrace.
+        """
+        if not isinstance(getattr(self, "generate_function", None), dict):
+            self.generate_function = {}
+        key = (guided, guidance_method)
+        if key in self.generate_function:
+            return self.generate_function[key]
+
+        def step(token_ids, padding_mask, guidance_scale, temperature, mixture):
+            return self.generate_step(
+                token_ids,
+                padding_mask,
+                guidance_scale if guided else None,
+                temperature,
+                mixture,
+                guidance_method=guidance_method,
+            )
+
+        backend = keras.config.backend()
+        function = step
+        if backend == "torch":
+            import torch
+
+            def function(*args):
+                with torch.no_grad():
+                    return step(*args)
+
+        elif backend == "tensorflow" and not self.run_eagerly:
+            function = tf.function(step, jit_compile=self.jit_compile)
+        elif backend == "jax" and not self.run_eagerly:
+            function = self._jax_generate_function(step)
+        self.generate_function[key] = function
+        return function
+
+    def _jax_generate_function(self, step):
+        import jax
+
+        @jax.jit
+        def compiled(state, *args):
+            trainable_values, non_trainable_values = state
+            mapping = itertools.chain(
+                zip(self.trainable_variables, trainable_values),
+                zip(self.non_trainable_variables, non_trainable_values),
+            )
+            with keras.StatelessScope(state_mapping=mapping) as scope:
+                outputs = step(*args)
+            new_values = []
+            for variable, value in zip(
+                self.non_trainable_variables, non_trainable_values
+            ):
+                new_value = scope.get_current_value(variable)
+                new_values.append(value if new_value is None else new_value)
+            return outputs, new_values
+
+        def function(*args):
+            state = (
+                [variable.value for variable in self.trainable_variables],
+                [variable.value for variable in self.non_trainable_variables],
+            )
+            outputs, new_values = compiled(state, *args)
+            # Keep the advanced seed state so the next call draws anew.
+            seed_state = self.generation_seed_generator.state
+            for variable, value in zip(self.non_trainable_variables, new_values):
+                if variable is seed_state:
+                    variable.assign(value)
+            return outputs
+
+        return function
+
+    def _tokenize_prompts(self, prompts):
+        if self.preprocessor is not None:
+            return self.preprocessor.generate_preprocess(prompts)
+        if isinstance(prompts, dict) and "token_ids" in prompts:
+            return prompts
+        raise ValueError(
+            "Without a preprocessor, `generate()` needs tokenized prompts: a "
+            "dict with `\"token_ids\"` and `\"padding_mask\"`. "
+            f"Received: inputs={type(prompts).__name__}"
+        )
+
+    def generate(
+        self,
+        inputs,
+        guidance_scale=0.0,
+        temperature=1.0,
+        mixture_temperature=1.0,
+        seed=None,
+        guidance_method="closed_form",
+        batch_size=None,
+        verbose="auto",
+    ):
+        """Generate uint8 images `[B, H, W, C]` for text prompts.
+
+        Args:
+            inputs: a prompt string, a list of prompts, a dict with
+                `"prompts"`, or (without a preprocessor) a dict with
+                `"token_ids"` and `"padding_mask"`.
+            guidance_scale: float. Classifier-free guidance weight `w` in
+                `(1 + w) log p_cond - w log p_uncond`; `0` turns guidance off.
+                Defaults to `0.0`.
+            temperature: float. Multiplier of the mixture components'
+                standard deviations (the reference's `temperature`).
+                Defaults to `1.0`.
+            mixture_temperature: float. Divisor of the mixture logits (the
+                reference's `temperature_probs` is its inverse). Defaults to
+                `1.0`.
+            seed: int. Makes the generation reproducible. Defaults to `None`
+                (each call draws new samples).
+            guidance_method: `"closed_form"` (exact where the guided density
+                is Gaussian) or `"rejection"` (the reference's sampler).
+            batch_size: int. Prompts generated per call of the compiled
+                function. Defaults to all at once.
+            verbose: `"auto"`, 0 or 1. Show a progress bar over batches.
+
+        Returns:
+            uint8 numpy array `[B, H, W, C]`, or `[H, W, C]` for one string.
+        """
+        if not guidance_scale >= 0:
+            raise ValueError(
+                "`guidance_scale` must be non-negative. "
+                f"Received: guidance_scale={guidance_scale}"
+            )
+        for name, value in (
+            ("temperature", temperature),
+            ("mixture_temperature", mixture_temperature),
+        ):
+            if not value > 0:
+                raise ValueError(
+                    f"`{name}` must be positive. Received: {name}={value}"
+                )
+        if guidance_method not in GUIDANCE_METHODS:
+            raise ValueError(
+                f"`guidance_method` must be one of {GUIDANCE_METHODS}. "
+                f"Received: guidance_method={guidance_method!r}"
+            )
+        single = isinstance(inputs, str)
+        if single:
+            inputs = [inputs]
+        if isinstance(inputs, (list, tuple)) and len(inputs) == 0:
+            raise ValueError("`inputs` must contain at least one prompt.")
+        tokenized = self._tokenize_prompts(inputs)
+        token_ids = ops.convert_to_numpy(tokenized["token_ids"])
+        padding_mask = ops.convert_to_numpy(tokenized["padding_mask"])
+        if token_ids.ndim == 1:
+            token_ids, padding_mask = token_ids[None], padding_mask[None]
+        if seed is not None:
+            self.generation_seed_generator.state.assign(
+                np.array([seed, 0], dtype="uint32").astype(
+                    self.generation_seed_generator.state.dtype
+                )
+            )
+        guided = guidance_scale > 0
+        function = self.make_generate_function(guided, guidance_method)
+        total = token_ids.shape[0]
+        batch_size = batch_size or total
+        progress = None
+        if verbose == 1 or (verbose == "auto" and total > batch_size):
+            progress = keras.utils.Progbar(total, unit_name="image")
+        outputs = []
+        for start in range(0, total, batch_size):
+            images = function(
+                ops.convert_to_tensor(token_ids[start : start + batch_size]),
+                ops.convert_to_tensor(padding_mask[start : start + batch_size]),
+                ops.convert_to_tensor(float(guidance_scale)),
+                ops.convert_to_tensor(float(temperature)),
+                ops.convert_to_tensor(float(mixture_temperature)),
+            )
+            outputs.append(ops.convert_to_numpy(images))
+            if progress is not None:
+                progress.add(outputs[-1].shape[0])
+        images = np.concatenate(outputs, axis=0)
+        images = np.round((images + 1.0) * 127.5).clip(0, 255).astype("uint8")
+        return images[0] if single else images
+
+    # --- Serialization ---------------------------------------------------------
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(self.training_config)
+        return config
