@@ -256,7 +256,9 @@ def digits_dataset(
             every batch has a static shape. Other datasets keep it, so
             evaluation covers every digit.
         shuffle: shuffle the whole split, in a new order every epoch.
-        seed: integer seed of the shuffle and of the caption draws.
+        seed: integer seed of the shuffle and of the caption draws. As for
+            every seeded tf.data op, the global TensorFlow seed (set by
+            `keras.utils.set_random_seed`) also changes them.
         repeat: repeat the split without end.
         random_captions: draw the caption template per element and epoch.
             When False, every element gets `class_prompt(label)`.

@@ -361,7 +361,7 @@ def tfds_dataset(
         shuffle: shuffle the files and the elements (through a buffer of
             `shuffle_buffer_size` preprocessed elements), anew every epoch.
         seed: integer seed of the file order, the shuffle and the prompt
-            draws.
+            draws. The global TensorFlow seed also changes the last two.
         repeat: repeat the split without end.
         data_dir: TFDS data directory. None uses the TFDS default.
         caption_key: "/"-separated path of the string feature with the

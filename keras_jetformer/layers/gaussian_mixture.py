@@ -17,8 +17,15 @@ from keras import ops
 
 
 def squareplus(x):
-    """Smooth, positive `(x + sqrt(x**2 + 4)) / 2`."""
-    return (x + ops.sqrt(ops.square(x) + 4.0)) / 2.0
+    """Smooth, positive `(x + sqrt(x**2 + 4)) / 2`.
+
+    For negative `x` the equal form `2 / (sqrt(x**2 + 4) - x)` avoids the
+    cancellation of two nearly equal numbers, which in float32 would turn
+    e.g. `squareplus(-1e4)` (1e-4) into 0.
+    """
+    x = ops.convert_to_tensor(x)
+    root = ops.sqrt(ops.square(x) + 4.0)
+    return ops.where(x >= 0, (x + root) / 2.0, 2.0 / (root - x))
 
 
 def mixture_parameters(logits, num_mixtures, token_dim, scale_tol=1e-6):
@@ -65,6 +72,7 @@ def mixture_log_prob(x, mixture_logits, means, scales):
     return ops.logsumexp(log_weights + component_log_probs, axis=-1)
 
 
+@keras.saving.register_keras_serializable(package="keras_jetformer")
 class GaussianMixtureHead(keras.layers.Layer):
     """Dense head producing a diagonal Gaussian mixture per image token.
 

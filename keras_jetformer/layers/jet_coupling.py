@@ -63,6 +63,7 @@ def spatial_permutation(pattern, grid_height, grid_width):
     return np.concatenate([first_half, second_half]).astype("int32")
 
 
+@keras.saving.register_keras_serializable(package="keras_jetformer")
 class JetCoupling(keras.layers.Layer):
     """Affine coupling layer of a Jet flow with a ViT coupling network.
 
@@ -78,8 +79,8 @@ class JetCoupling(keras.layers.Layer):
     and `log|det J| = sum(log(scale))`.
 
     The ViT's output projection starts at zero, so a new coupling is the
-    identity up to the permutation. The permutation is a non-trainable
-    variable, so no optimizer updates or decays it.
+    identity. The permutation is a non-trainable variable, so no optimizer
+    updates or decays it.
 
     Args:
         kind: string. `"channels"` or `"spatial"`. Defaults to `"channels"`.
@@ -321,15 +322,15 @@ class JetCoupling(keras.layers.Layer):
         logdet = ops.sum(logdet, axis=(1, 2))
         return bias, scale, logdet
 
-    def forward(self, x, context=None, training=None):
+    def forward_and_log_det(self, x, context=None, training=None):
         """Map `x` `[B, N, D]` to `(y, logdet)`; `logdet` is `[B]` nats."""
         x1, x2 = self.split(x)
         bias, scale, logdet = self.compute_bias_and_scale(x1, context, training)
         y2 = (ops.cast(x2, "float32") + bias) * scale
         return self.merge(x1, ops.cast(y2, x1.dtype)), logdet
 
-    def inverse(self, y, context=None, training=None):
-        """Map `y` back to `(x, logdet)`, where `logdet` is `-forward`'s."""
+    def inverse_and_log_det(self, y, context=None, training=None):
+        """Map `y` back to `(x, logdet)`; `logdet` is the forward's negated."""
         y1, y2 = self.split(y)
         bias, scale, logdet = self.compute_bias_and_scale(y1, context, training)
         x2 = ops.cast(y2, "float32") / scale - bias
@@ -337,8 +338,8 @@ class JetCoupling(keras.layers.Layer):
 
     def call(self, x, context=None, inverse=False, training=None):
         if inverse:
-            return self.inverse(x, context=context, training=training)
-        return self.forward(x, context=context, training=training)
+            return self.inverse_and_log_det(x, context=context, training=training)
+        return self.forward_and_log_det(x, context=context, training=training)
 
     def compute_output_spec(self, x, context=None, inverse=False, training=None):
         logdet = keras.KerasTensor((x.shape[0],), dtype="float32")

@@ -26,15 +26,19 @@ def _sum(tensors):
     return total
 
 
+@keras.saving.register_keras_serializable(package="keras_jetformer")
 class JetFlow(keras.layers.Layer):
     """An invertible flow over `[B, H, W, C]` inputs.
 
     The input is cut into `patch_size` patches (N tokens of D values), passed
     through `num_couplings` `JetCoupling` layers and reassembled.
-    `forward(x)` returns `(z, logdet)` and `inverse(z)` returns
-    `(x, logdet)`; `logdet` is the per-example `log|det J|` of the map that
-    was applied, in nats, so `inverse`'s is the negative of `forward`'s.
-    Calling the layer runs `forward`.
+    `forward_and_log_det(x)` returns `(z, logdet)` and
+    `inverse_and_log_det(z)` returns `(x, logdet)`; `logdet` is the
+    per-example `log|det J|` of the map that was applied, in nats, so the
+    inverse's is the negative of the forward's. Calling the layer runs the
+    forward map, or the inverse with `inverse=True`. (The methods are not
+    named `forward` because the torch backend routes every layer call
+    through `torch.nn.Module.forward`.)
 
     Coupling kinds cycle through `coupling_kinds`; every spatial coupling
     takes the next pattern of `spatial_patterns`.
@@ -73,8 +77,8 @@ class JetFlow(keras.layers.Layer):
         num_couplings=4, hidden_dim=32, num_heads=2
     )
     x = np.random.uniform(-1, 1, size=(2, 4, 4, 12)).astype("float32")
-    z, logdet = flow.forward(x)
-    x_again, inverse_logdet = flow.inverse(z)
+    z, logdet = flow.forward_and_log_det(x)
+    x_again, inverse_logdet = flow.inverse_and_log_det(z)
     ```
     """
 
@@ -198,27 +202,27 @@ class JetFlow(keras.layers.Layer):
         grid = tokens_to_grid(tokens, *self.grid_shape)
         return unpatchify(grid, self.patch_size)
 
-    def forward(self, x, context=None, training=None):
+    def forward_and_log_det(self, x, context=None, training=None):
         """Map `x` `[B, H, W, C]` to `(z, logdet)`; `logdet` is `[B]` nats."""
         if not self.built:
             self.build(x.shape)
         tokens = self._to_tokens(x)
         logdets = []
         for coupling in self.couplings:
-            tokens, coupling_logdet = coupling.forward(
+            tokens, coupling_logdet = coupling.forward_and_log_det(
                 tokens, context=context, training=training
             )
             logdets.append(coupling_logdet)
         return self._from_tokens(tokens), _sum(logdets)
 
-    def inverse(self, z, context=None, training=None):
-        """Map `z` back to `(x, logdet)`; `logdet` is `-forward`'s."""
+    def inverse_and_log_det(self, z, context=None, training=None):
+        """Map `z` back to `(x, logdet)`; `logdet` is the forward's negated."""
         if not self.built:
             self.build(z.shape)
         tokens = self._to_tokens(z)
         logdets = []
         for coupling in reversed(self.couplings):
-            tokens, coupling_logdet = coupling.inverse(
+            tokens, coupling_logdet = coupling.inverse_and_log_det(
                 tokens, context=context, training=training
             )
             logdets.append(coupling_logdet)
@@ -226,8 +230,8 @@ class JetFlow(keras.layers.Layer):
 
     def call(self, x, context=None, inverse=False, training=None):
         if inverse:
-            return self.inverse(x, context=context, training=training)
-        return self.forward(x, context=context, training=training)
+            return self.inverse_and_log_det(x, context=context, training=training)
+        return self.forward_and_log_det(x, context=context, training=training)
 
     def compute_output_spec(self, x, context=None, inverse=False, training=None):
         logdet = keras.KerasTensor((x.shape[0],), dtype="float32")

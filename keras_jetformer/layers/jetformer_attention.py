@@ -23,6 +23,7 @@ def _fan_in_initializer(scale):
     )
 
 
+@keras.saving.register_keras_serializable(package="keras_jetformer")
 class JetFormerAttention(keras.layers.Layer):
     """Grouped-query (multi-query for one key/value head) causal attention.
 

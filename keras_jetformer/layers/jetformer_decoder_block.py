@@ -13,6 +13,7 @@ def _fan_in_initializer():
     )
 
 
+@keras.saving.register_keras_serializable(package="keras_jetformer")
 class JetFormerDecoderBlock(keras.layers.Layer):
     """Pre-norm decoder block: RMSNorm, attention, RMSNorm, gated-GELU MLP.
 

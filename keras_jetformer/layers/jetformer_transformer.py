@@ -22,6 +22,7 @@ from keras_jetformer.layers.gaussian_mixture import GaussianMixtureHead
 from keras_jetformer.layers.jetformer_decoder_block import JetFormerDecoderBlock
 
 
+@keras.saving.register_keras_serializable(package="keras_jetformer")
 class JetFormerTransformer(keras.layers.Layer):
     """Embeddings, decoder blocks and output heads of JetFormer.
 
@@ -332,11 +333,12 @@ class JetFormerTransformer(keras.layers.Layer):
 
     def call(self, inputs, drop_prefix=None, training=None):
         token_ids = inputs["token_ids"]
+        text_first_mask = inputs["text_first_mask"]
         embeddings, input_mask = self.embed_sequence(
             token_ids,
             inputs["padding_mask"],
             inputs["image_tokens"],
-            inputs["text_first_mask"],
+            text_first_mask,
             drop_prefix=drop_prefix,
         )
         hidden_states = self.run_transformer(
@@ -346,7 +348,7 @@ class JetFormerTransformer(keras.layers.Layer):
             training=training,
         )
         text_hidden_states, image_hidden_states = self.split_hidden_states(
-            hidden_states, inputs["text_first_mask"], token_ids.shape[1]
+            hidden_states, text_first_mask, token_ids.shape[1]
         )
         return {
             "hidden_states": hidden_states,

@@ -26,6 +26,7 @@ def _require_positive_int(name, value):
         )
 
 
+@keras.saving.register_keras_serializable(package="keras_jetformer")
 class JetFormerBackbone(Backbone):
     """JetFormer: a normalizing flow and an autoregressive transformer.
 
@@ -356,7 +357,7 @@ class JetFormerBackbone(Backbone):
         The images are not clipped.
         """
         grid = tokens_to_grid(image_tokens, *self.grid_shape)
-        grid, _ = self.flow.inverse(grid)
+        grid, _ = self.flow.inverse_and_log_det(grid)
         return unpatchify(grid, self.patch_size)
 
     def split_image_tokens(self, image_tokens):

@@ -1,10 +1,12 @@
 """Image preprocessing for JetFormer."""
 
+import keras
 from keras_hub.layers import ImageConverter
 
 from keras_jetformer.models.jetformer_backbone import JetFormerBackbone
 
 
+@keras.saving.register_keras_serializable(package="keras_jetformer")
 class JetFormerImageConverter(ImageConverter):
     """Resize images and scale pixel values from [0, 255] to [-1, 1].
 

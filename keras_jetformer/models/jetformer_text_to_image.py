@@ -23,6 +23,7 @@ except ImportError:
     tf = None
 
 
+@keras.saving.register_keras_serializable(package="keras_jetformer")
 class JetFormerTextToImage(JetFormerTrainingMixin, TextToImage):
     """JetFormer task that generates images from text and trains with `fit`.
 
@@ -74,9 +75,16 @@ class JetFormerTextToImage(JetFormerTrainingMixin, TextToImage):
         self._configure_training(**training_config)
 
         # === Functional Model ===
-        super().__init__(
-            inputs=backbone.input, outputs=backbone.output, **kwargs
+        # `predict()` scores the text-first layout, `[BOS, text, BOI, image]`.
+        inputs = {
+            name: backbone.input[name]
+            for name in ("images", "token_ids", "padding_mask")
+        }
+        text_first_mask = keras.ops.ones_like(
+            inputs["token_ids"][:, 0], dtype="bool"
         )
+        outputs = backbone({**inputs, "text_first_mask": text_first_mask})
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
 
         # === Training state and generation ===
         self._create_training_state()

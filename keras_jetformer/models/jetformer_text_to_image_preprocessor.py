@@ -12,6 +12,7 @@ from keras_jetformer.models.jetformer_image_converter import (
 from keras_jetformer.models.jetformer_tokenizer import JetFormerTokenizer
 
 
+@keras.saving.register_keras_serializable(package="keras_jetformer")
 class JetFormerTextToImagePreprocessor(TextToImagePreprocessor):
     """Turn `{"images", "prompts"}` into JetFormer model inputs.
 

@@ -61,6 +61,7 @@ TRAINING_ARGS_DOC = """
         seed: int. Seed of the training noise. Defaults to `None`."""
 
 
+@keras.saving.register_keras_serializable(package="keras_jetformer")
 class LastValue(keras.metrics.Metric):
     """Metric that reports the most recent value it was given."""
 
@@ -171,6 +172,49 @@ class JetFormerTrainingMixin(ObjectiveTrainer):
             exclude_from_weight_decay(optimizer, self)
         keras.Model.compile(self, optimizer=optimizer, **kwargs)
         self.generate_function = None
+
+    def _saved_seed_generators(self):
+        generators = [self.seed_generator]
+        if hasattr(self, "generation_seed_generator"):
+            generators.append(self.generation_seed_generator)
+        return generators
+
+    def save_own_variables(self, store):
+        """Save the task's variables and its seed generators' states.
+
+        Keras does not save `SeedGenerator` states; saving them lets a
+        resumed run draw the same noise as an uninterrupted one.
+        """
+        super().save_own_variables(store)
+        offset = len(self._trainable_variables) + len(
+            self._non_trainable_variables
+        )
+        for index, generator in enumerate(self._saved_seed_generators()):
+            store[f"{offset + index}"] = generator.state
+
+    def load_own_variables(self, store):
+        own = len(self._trainable_variables) + len(self._non_trainable_variables)
+        generators = self._saved_seed_generators()
+        if len(store.keys()) != own + len(generators):
+            # A file saved without seed states.
+            return super().load_own_variables(store)
+        for index, generator in enumerate(generators):
+            generator.state.assign(store[f"{own + index}"])
+        super().load_own_variables({f"{i}": store[f"{i}"] for i in range(own)})
+
+    def compile_from_config(self, config):
+        """Recompile a loaded task and build its optimizer.
+
+        The optimizer must exist before its saved variables (moments,
+        iteration count) can be restored, which keeps the noise curriculum
+        and the learning rate where training stopped.
+        """
+        config = keras.saving.deserialize_keras_object(config)
+        for name in ("loss", "metrics", "weighted_metrics", "loss_weights"):
+            config.pop(name, None)
+        self.compile(**config)
+        if self.optimizer is not None and self.built:
+            self.optimizer.build(self.trainable_variables)
 
     def current_noise_scale(self, step):
         """RGB noise std (8-bit pixel units) at optimizer step `step`."""
