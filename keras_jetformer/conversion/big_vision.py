@@ -190,6 +190,11 @@ def _weight_assignments(backbone, params):
             get("LogitsText/kernel"),
             "LogitsText/kernel",
         )
+        yield (
+            transformer.text_logits_bias,
+            get("LogitsText/bias"),
+            "LogitsText/bias",
+        )
     yield transformer.image_head.kernel, get("LogitsImage/kernel"), "LogitsImage/kernel"
     yield transformer.image_head.bias, get("LogitsImage/bias"), "LogitsImage/bias"
     yield (

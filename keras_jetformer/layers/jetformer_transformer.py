@@ -129,6 +129,14 @@ class JetFormerTransformer(keras.layers.Layer):
             block.build(hidden_shape)
         self.final_norm.build(hidden_shape)
         self.image_head.build(hidden_shape)
+        self.text_logits_bias = None
+        if not self.tie_text_embeddings:
+            # An untied output layer is a dense layer with a bias.
+            self.text_logits_bias = self.add_weight(
+                name="text_logits_bias",
+                shape=(self.vocabulary_size * self.num_vocab_repeats,),
+                initializer="zeros",
+            )
         self.built = True
 
     # --- Sequence construction -------------------------------------------
@@ -327,7 +335,10 @@ class JetFormerTransformer(keras.layers.Layer):
 
     def text_logits(self, text_hidden_states):
         """Text logits `[..., V]` (tied or untied output embedding)."""
-        return self.token_embedding(text_hidden_states, reverse=True)
+        logits = self.token_embedding(text_hidden_states, reverse=True)
+        if self.text_logits_bias is not None:
+            logits = logits + ops.cast(self.text_logits_bias, logits.dtype)
+        return logits
 
     # --- Layer API -----------------------------------------------------------
 
