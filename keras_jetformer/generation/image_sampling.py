@@ -47,6 +47,8 @@ def sample_mixture(
     mixture_temperature=1.0,
 ):
     """Draw tokens `[B, d]` from a diagonal Gaussian mixture."""
+    means = ops.cast(means, "float32")
+    scales = ops.cast(scales, "float32")
     components = choose_components(mixture_logits, seed, mixture_temperature)
     mean = select_component(means, components)
     scale = select_component(scales, components) * temperature
@@ -59,6 +61,10 @@ def guided_gaussian(mean_c, scale_c, mean_u, scale_u, guidance_scale):
     Returns `(mean, scale, proper)`; where `proper` is False the guided
     density is improper and `mean`/`scale` are placeholders.
     """
+    mean_c, scale_c, mean_u, scale_u = [
+        ops.cast(x, "float32")
+        for x in (mean_c, scale_c, mean_u, scale_u)
+    ]
     w = guidance_scale
     precision_c = 1.0 / ops.square(scale_c)
     precision_u = 1.0 / ops.square(scale_u)
@@ -99,6 +105,10 @@ def rejection_sample_guided(
 
     Returns `(samples [B, d], accepted [B, d] bool)`.
     """
+    mean_c, scale_c, mean_u, scale_u = [
+        ops.cast(x, "float32")
+        for x in (mean_c, scale_c, mean_u, scale_u)
+    ]
     proposal_scale = 2.0 * ops.maximum(scale_c, scale_u)
     grid = mean_c[None] + ops.reshape(
         ops.linspace(-10.0, 10.0, 1001), (-1, 1, 1)
@@ -162,8 +172,12 @@ def sample_guided_mixture(
             f"`method` must be one of {GUIDANCE_METHODS}. Received: "
             f"method={method!r}"
         )
-    logits_c, means_c, scales_c = conditional
-    _, means_u, scales_u = unconditional
+    logits_c, means_c, scales_c = [
+        ops.cast(x, "float32") for x in conditional
+    ]
+    _, means_u, scales_u = [
+        ops.cast(x, "float32") for x in unconditional
+    ]
     # The component is chosen from the conditional mixture and used in both.
     components = choose_components(logits_c, seed, mixture_temperature)
     mean_c = select_component(means_c, components)

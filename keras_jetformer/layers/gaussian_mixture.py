@@ -54,6 +54,9 @@ def mixture_parameters(logits, num_mixtures, token_dim, scale_tol=1e-6):
 
 def normal_log_prob(x, mean, scale):
     """Elementwise log density of `N(mean, scale**2)` at `x`."""
+    x = ops.convert_to_tensor(x)
+    mean = ops.cast(mean, x.dtype)
+    scale = ops.cast(scale, x.dtype)
     z = (x - mean) / scale
     return -0.5 * ops.square(z) - ops.log(scale) - 0.5 * math.log(2 * math.pi)
 
@@ -65,6 +68,9 @@ def mixture_log_prob(x, mixture_logits, means, scales):
     small scales and extreme logits stay finite. Returns `[...]` nats.
     """
     x = ops.cast(x, "float32")
+    mixture_logits = ops.cast(mixture_logits, "float32")
+    means = ops.cast(means, "float32")
+    scales = ops.cast(scales, "float32")
     log_weights = ops.log_softmax(mixture_logits, axis=-1)
     component_log_probs = ops.sum(
         normal_log_prob(ops.expand_dims(x, -2), means, scales), axis=-1
