@@ -19,8 +19,8 @@ class JetFormerTextToImagePreprocessor(TextToImagePreprocessor):
     Prompts are tokenized, an end token is appended, and the ids are padded
     or truncated to `sequence_length`. Images go through the image
     converter (scaling [0, 255] to [-1, 1]). The output is a dict with
-    `"images"`, `"token_ids"`, `"padding_mask"` and `"loss_mask"`: the mask
-    of positions whose text NLL is scored.
+    `"images"`, `"token_ids"` and `"padding_mask"`; every valid text position
+    (including the end token) is also scored in the text NLL.
 
     Works inside `tf.data` pipelines (batched or not) and on eager inputs.
 
@@ -99,11 +99,7 @@ class JetFormerTextToImagePreprocessor(TextToImagePreprocessor):
         token_ids, padding_mask = self._pack_prompts(
             x["prompts"], sequence_length
         )
-        outputs = {
-            "token_ids": token_ids,
-            "padding_mask": padding_mask,
-            "loss_mask": padding_mask,
-        }
+        outputs = {"token_ids": token_ids, "padding_mask": padding_mask}
         if x.get("images") is not None:
             images = x["images"]
             if self.image_converter is not None:
