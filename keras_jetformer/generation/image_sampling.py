@@ -21,6 +21,7 @@ import math
 import keras
 from keras import ops
 
+from keras_jetformer.generation.loops import stateful_cond
 from keras_jetformer.layers.gaussian_mixture import normal_log_prob
 
 GUIDANCE_METHODS = ("closed_form", "rejection")
@@ -58,23 +59,24 @@ def sample_mixture(
 def guided_gaussian(mean_c, scale_c, mean_u, scale_u, guidance_scale):
     """Mean, std and validity of the guided per-dimension density.
 
-    Returns `(mean, scale, proper)`; where `proper` is False the guided
-    density is improper and `mean`/`scale` are placeholders.
+    With `r = (s_c / s_u)**2` the precision relative to the conditional one
+    is `1 + w * (1 - r)`, the mean is `m_c + w * r * (m_c - m_u) / (1 + w *
+    (1 - r))` and the std `s_c / sqrt(1 + w * (1 - r))`. Written this way
+    `w = 0` gives the conditional Gaussian bit for bit. Returns `(mean,
+    scale, proper)`; where `proper` is False the guided density is improper
+    and `mean`/`scale` are placeholders.
     """
     mean_c, scale_c, mean_u, scale_u = [
-        ops.cast(x, "float32")
-        for x in (mean_c, scale_c, mean_u, scale_u)
+        ops.cast(x, "float32") for x in (mean_c, scale_c, mean_u, scale_u)
     ]
     w = guidance_scale
-    precision_c = 1.0 / ops.square(scale_c)
-    precision_u = 1.0 / ops.square(scale_u)
-    precision = (1.0 + w) * precision_c - w * precision_u
-    proper = precision > 0
-    safe_precision = ops.where(proper, precision, 1.0)
-    mean = ((1.0 + w) * precision_c * mean_c - w * precision_u * mean_u) / (
-        safe_precision
-    )
-    return mean, ops.sqrt(1.0 / safe_precision), proper
+    ratio = ops.square(scale_c / scale_u)
+    relative_precision = 1.0 + w * (1.0 - ratio)
+    proper = relative_precision > 0
+    safe_precision = ops.where(proper, relative_precision, 1.0)
+    mean = mean_c + w * ratio * (mean_c - mean_u) / safe_precision
+    scale = scale_c / ops.sqrt(safe_precision)
+    return mean, scale, proper
 
 
 def guided_log_density(x, mean_c, scale_c, mean_u, scale_u, guidance_scale):
@@ -179,19 +181,32 @@ def sample_guided_mixture(
         ops.cast(x, "float32") for x in unconditional
     ]
     # The component is chosen from the conditional mixture and used in both.
+    # The draws come in the order of `sample_mixture`, so that `w = 0`
+    # reproduces conditional sampling exactly.
     components = choose_components(logits_c, seed, mixture_temperature)
     mean_c = select_component(means_c, components)
     scale_c = select_component(scales_c, components) * temperature
     mean_u = select_component(means_u, components)
     scale_u = select_component(scales_u, components) * temperature
+    noise = keras.random.normal(ops.shape(mean_c), seed=seed)
 
-    rejected_sample, _ = rejection_sample_guided(
-        mean_c, scale_c, mean_u, scale_u, guidance_scale, seed, num_proposals
-    )
+    def rejection():
+        sample, _ = rejection_sample_guided(
+            mean_c, scale_c, mean_u, scale_u, guidance_scale, seed,
+            num_proposals,
+        )
+        return sample
+
     if method == "rejection":
-        return rejected_sample
+        return rejection()
     mean, scale, proper = guided_gaussian(
         mean_c, scale_c, mean_u, scale_u, guidance_scale
     )
-    exact = mean + scale * keras.random.normal(ops.shape(mean), seed=seed)
-    return ops.where(proper, exact, rejected_sample)
+    exact = mean + scale * noise
+    # The rejection sampler runs only when some dimension needs it.
+    return stateful_cond(
+        ops.all(proper),
+        lambda: exact,
+        lambda: ops.where(proper, exact, rejection()),
+        stateful_variables=[seed.state],
+    )

@@ -41,3 +41,38 @@ def stateful_fori_loop(
     for variable, value in zip(stateful_variables, state_values):
         variable.assign(value)
     return outputs
+
+
+def stateful_cond(pred, true_fn, false_fn, stateful_variables=()):
+    """Run `true_fn()` or `false_fn()` like `ops.cond`, on every backend.
+
+    Both branches may read and update `stateful_variables` (e.g. a seed
+    generator's state). On JAX the branches are traced separately, so the
+    variables' values are passed in and the chosen branch's updated values
+    are returned and assigned, as in `stateful_fori_loop`.
+    """
+    if keras.config.backend() != "jax":
+        return ops.cond(pred, true_fn, false_fn)
+
+    def stateless(branch):
+        def run(state_values):
+            mapping = list(zip(stateful_variables, state_values))
+            with keras.StatelessScope(state_mapping=mapping) as scope:
+                outputs = branch()
+            new_values = []
+            for variable, old_value in zip(stateful_variables, state_values):
+                value = scope.get_current_value(variable)
+                new_values.append(old_value if value is None else value)
+            return new_values, outputs
+
+        return run
+
+    import jax
+
+    state_values = [variable.value for variable in stateful_variables]
+    state_values, outputs = jax.lax.cond(
+        pred, stateless(true_fn), stateless(false_fn), state_values
+    )
+    for variable, value in zip(stateful_variables, state_values):
+        variable.assign(value)
+    return outputs

@@ -365,6 +365,45 @@ class JetFormerBackbone(Backbone):
         d = self.image_token_dim
         return image_tokens[..., :d], image_tokens[..., d:]
 
+    # --- Presets -----------------------------------------------------------
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """Instantiate a `JetFormerBackbone` from a preset.
+
+        Works as `keras_hub.models.Backbone.from_preset`, with clearer
+        errors: an unknown preset name raises a `ValueError` that lists the
+        built-in JetFormer presets, and `load_weights=True` on an
+        architecture preset, which ships without weights, raises a
+        `ValueError` that asks for `load_weights=False`. Keyword arguments
+        replace entries of the preset's config, e.g. `dtype="bfloat16"` or
+        `num_layers=2`.
+
+        Args:
+            preset: string. A built-in preset name (see
+                `JetFormerBackbone.presets`), a Kaggle or Hugging Face handle,
+                or the path of a preset directory.
+            load_weights: bool. Load the preset's weights; with `False` the
+                weights are randomly initialised. Defaults to `True`.
+
+        Example:
+
+        ```python
+        backbone = keras_jetformer.models.JetFormerBackbone.from_preset(
+            "jetformer_350m_imagenet_256",
+            load_weights=False,
+            num_layers=1,
+            flow_num_couplings=1,
+            num_mixtures=4,
+        )
+        ```
+        """
+        # Imported here because `jetformer_presets` imports this module.
+        from keras_jetformer.models.jetformer_presets import check_preset
+
+        check_preset(preset, load_weights)
+        return super().from_preset(preset, load_weights=load_weights, **kwargs)
+
     # --- Serialization -----------------------------------------------------
 
     def get_config(self):

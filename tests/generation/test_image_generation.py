@@ -228,3 +228,32 @@ def test_improper_guided_density_stays_finite():
         )
     )
     assert np.all(np.isfinite(samples))
+
+
+def test_zero_guidance_reproduces_conditional_sampling():
+    rng = np.random.default_rng(5)
+    batch, components, dims = 64, 3, 4
+    logits = rng.standard_normal((batch, components)).astype("float32")
+    means = rng.standard_normal((batch, components, dims)).astype("float32")
+    scales = rng.uniform(0.2, 1.5, (batch, components, dims)).astype("float32")
+    other = (
+        rng.standard_normal((batch, components)).astype("float32"),
+        rng.standard_normal((batch, components, dims)).astype("float32"),
+        rng.uniform(0.2, 1.5, (batch, components, dims)).astype("float32"),
+    )
+    conditional = to_numpy(
+        sample_mixture(
+            logits, means, scales, keras.random.SeedGenerator(7),
+            temperature=0.8,
+        )
+    )
+    guided = to_numpy(
+        sample_guided_mixture(
+            (logits, means, scales),
+            other,
+            0.0,
+            keras.random.SeedGenerator(7),
+            temperature=0.8,
+        )
+    )
+    np.testing.assert_array_equal(conditional, guided)
