@@ -22,6 +22,7 @@ import numpy as np
 from keras import ops
 from keras_hub.models import CausalLM
 from keras_hub.samplers import GreedySampler
+from keras_hub.samplers import Sampler
 from keras_hub.src.samplers.serialization import get as get_sampler
 from keras_hub.src.utils.tensor_utils import any_equal
 
@@ -46,6 +47,27 @@ def _inference_scope():
 
         return torch.no_grad()
     return contextlib.nullcontext()
+
+
+# Keyword arguments passed on to `keras_hub.models.Task` and `keras.Model`.
+MODEL_ARGUMENTS = {"name", "trainable", "dtype", "compile"}
+
+SAMPLER_NAMES = ("beam", "contrastive", "greedy", "random", "top_k", "top_p")
+
+
+def _get_sampler(sampler):
+    """Return the sampler for a name or instance, or raise `ValueError`."""
+    try:
+        instance = get_sampler(sampler)
+    except (KeyError, ValueError):
+        instance = None
+    # keras-hub returns an unknown name unchanged instead of raising.
+    if not isinstance(instance, Sampler):
+        raise ValueError(
+            "`sampler` must be a `keras_hub.samplers.Sampler` or one of "
+            f"{SAMPLER_NAMES}. Received: sampler={sampler!r}"
+        )
+    return instance
 
 
 def _check_batch_size(batch_size):
@@ -125,6 +147,16 @@ class JetFormerCausalLM(JetFormerTrainingMixin, CausalLM):
             if name in TRAINING_CONFIG_DEFAULTS
         }
         training_config.setdefault("text_prefix_prob", 0.0)
+        # Keras ignores unknown keyword arguments, which would hide a
+        # misspelled training argument.
+        unknown = sorted(set(kwargs) - MODEL_ARGUMENTS)
+        if unknown:
+            received = ", ".join(f"{name}={kwargs[name]!r}" for name in unknown)
+            raise TypeError(
+                "Unknown arguments of `JetFormerCausalLM`. The training "
+                f"arguments are {sorted(TRAINING_CONFIG_DEFAULTS)}. "
+                f"Received: {received}"
+            )
 
         # === Layers ===
         self.backbone = backbone
@@ -181,13 +213,15 @@ class JetFormerCausalLM(JetFormerTrainingMixin, CausalLM):
         """
         if weighted_metrics not in (None, "auto"):
             raise ValueError(
-                "JetFormer tasks train with their own objective and metrics; "
-                "leave `weighted_metrics` unset. "
+                "JetFormer tasks train with their own objective and "
+                "metrics, so leave `weighted_metrics` unset. "
                 f"Received: weighted_metrics={weighted_metrics!r}"
             )
+        sampler = _get_sampler(sampler)
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
-        self.sampler = get_sampler(sampler)
+        self.sampler = sampler
         self.generate_function = None
+        self.inference_functions = {}
 
     # --- Cached forward passes ---------------------------------------------
 
@@ -382,17 +416,59 @@ class JetFormerCausalLM(JetFormerTrainingMixin, CausalLM):
 
     # --- Scoring and representations ---------------------------------------
 
+    def _inference_function(self, name, function):
+        """Compile `function` of tensors once per task, like `generate()`.
+
+        JAX runs it under `jax.jit` with the weights passed in as state,
+        TensorFlow under `tf.function`, and PyTorch eagerly; callers use
+        `_inference_scope()` to turn off gradient tracking.
+        """
+        if getattr(self, "inference_functions", None) is None:
+            # A task built with `compile=False` has not made the cache yet.
+            self.inference_functions = {}
+        if name in self.inference_functions:
+            return self.inference_functions[name]
+        backend = keras.config.backend()
+        compiled = function
+        if backend == "tensorflow" and not self.run_eagerly:
+            import tensorflow as tf
+
+            compiled = tf.function(function)
+        elif backend == "jax" and not self.run_eagerly:
+            import jax
+
+            @jax.jit
+            def stateless(state, *args):
+                trainable_values, non_trainable_values = state
+                mapping = list(zip(self.trainable_variables, trainable_values))
+                mapping += zip(self.non_trainable_variables, non_trainable_values)
+                with keras.StatelessScope(state_mapping=mapping):
+                    return function(*args)
+
+            def compiled(*args):
+                state = (
+                    [variable.value for variable in self.trainable_variables],
+                    [
+                        variable.value
+                        for variable in self.non_trainable_variables
+                    ],
+                )
+                return stateless(state, *args)
+
+        self.inference_functions[name] = compiled
+        return compiled
+
     def _preprocess_images(self, images):
-        """Map user images to `[B, H, W, Ch]` float32 in [-1, 1]."""
+        """Map user images to a numpy `[B, H, W, Ch]` float32 in [-1, 1]."""
         if self.preprocessor is not None and (
             self.preprocessor.image_converter is not None
         ):
             images = self.preprocessor.image_converter(images)
-        images = ops.convert_to_tensor(images, dtype="float32")
-        if len(ops.shape(images)) != 4:
+        images = np.asarray(ops.convert_to_numpy(images), dtype="float32")
+        if images.ndim != 4:
             raise ValueError(
                 "`images` must be a batch `[batch, height, width, channels]`. "
-                f"Received: images.shape={tuple(ops.shape(images))}"
+                f"Received: images.shape={images.shape}"
             )
         return images
 
@@ -431,6 +507,34 @@ class JetFormerCausalLM(JetFormerTrainingMixin, CausalLM):
             score_mask[row, : len(sequence) + 1] = True
         return token_ids, score_mask
 
+    def _image_prefix_cache(self, images):
+        """Run `[BOI, image]` into a cache of length `N + 1`."""
+        prefix, _ = self._image_prefix(images)
+        cache = self._empty_cache(ops.shape(images)[0], ops.shape(prefix)[1])
+        _, cache = self._run_with_cache(prefix, cache, 0)
+        return cache
+
+    def _score_candidates(self, cache, inputs, token_ids, score_mask):
+        """Summed log-likelihoods `[b * c]` of `c` candidates for `b` images.
+
+        `cache` holds each image's `[BOI, image]`; `inputs` `[c, T]` are
+        BOS followed by all but the last of `token_ids` `[c, T]`. Rows are
+        ordered image-major.
+        """
+        num_images = ops.shape(cache)[0]
+        num_candidates, text_length = ops.shape(token_ids)
+        cache = ops.repeat(cache, num_candidates, axis=0)
+        text_slots = ops.zeros_like(cache[:, :, :, :text_length])
+        cache = ops.concatenate([cache, text_slots], axis=3)
+        logits, _, _ = self.call_with_cache(
+            ops.tile(inputs, (num_images, 1)),
+            cache,
+            self.backbone.num_image_tokens + 1,
+        )
+        log_probs = text_log_probs(logits, ops.tile(token_ids, (num_images, 1)))
+        score_mask = ops.cast(ops.tile(score_mask, (num_images, 1)), "float32")
+        return ops.sum(log_probs * score_mask, axis=1)
+
     def _score_token_ids(self, images, token_ids, score_mask, batch_size):
         """Summed log-likelihoods `[B, C]` of packed candidates per image.
 
@@ -438,39 +542,36 @@ class JetFormerCausalLM(JetFormerTrainingMixin, CausalLM):
         every candidate then continues from.
         """
         transformer = self.backbone.transformer
-        num_candidates, text_length = token_ids.shape
-        bos_slot = self.backbone.num_image_tokens + 1
+        num_candidates = token_ids.shape[0]
         # The inputs that predict the text: BOS, then all but the last token.
         bos = np.full((num_candidates, 1), transformer.bos_id, "int32")
         inputs = np.concatenate([bos, token_ids[:, :-1]], axis=1)
         batch_size = batch_size or len(images) * num_candidates
         images_per_call = max(1, batch_size // num_candidates)
         candidates_per_call = min(num_candidates, batch_size)
+        prefill = self._inference_function(
+            "image_prefix_cache", self._image_prefix_cache
+        )
+        score_candidates = self._inference_function(
+            "score_candidates", self._score_candidates
+        )
 
         scores = []
         for image_start in range(0, len(images), images_per_call):
             image_batch = images[image_start : image_start + images_per_call]
-            num_images = ops.shape(image_batch)[0]
-            prefix, _ = self._image_prefix(image_batch)
-            cache = self._empty_cache(num_images, bos_slot + text_length)
-            _, cache = self._run_with_cache(prefix, cache, 0)
+            num_images = image_batch.shape[0]
+            cache = prefill(image_batch)
             row_scores = []
             for start in range(0, num_candidates, candidates_per_call):
                 stop = min(start + candidates_per_call, num_candidates)
-                count = stop - start
-                logits, _, _ = self.call_with_cache(
-                    ops.tile(inputs[start:stop], (num_images, 1)),
-                    ops.repeat(cache, count, axis=0),
-                    bos_slot,
+                totals = score_candidates(
+                    cache,
+                    inputs[start:stop],
+                    token_ids[start:stop],
+                    score_mask[start:stop],
                 )
-                log_probs = text_log_probs(
-                    logits, ops.tile(token_ids[start:stop], (num_images, 1))
-                )
-                mask = np.tile(score_mask[start:stop], (num_images, 1))
-                totals = ops.sum(log_probs * mask.astype("float32"), axis=1)
-                row_scores.append(
-                    ops.convert_to_numpy(totals).reshape(num_images, count)
-                )
+                totals = ops.convert_to_numpy(totals)
+                row_scores.append(totals.reshape(num_images, stop - start))
             scores.append(np.concatenate(row_scores, axis=1))
         return np.concatenate(scores, axis=0)
 
@@ -544,30 +645,31 @@ class JetFormerCausalLM(JetFormerTrainingMixin, CausalLM):
             sequence without text.
         """
         _check_batch_size(batch_size)
-        transformer = self.backbone.transformer
+        encode = self._inference_function("encode_images", self._encode_images)
         outputs = {"image_tokens": [], "pooled": []}
         with _inference_scope():
             images = self._preprocess_images(images)
             batch_size = batch_size or len(images)
             for start in range(0, len(images), batch_size):
-                prefix, image_tokens = self._image_prefix(
-                    images[start : start + batch_size]
-                )
-                valid = ops.ones(ops.shape(prefix)[:2], dtype="bool")
-                hidden_states = transformer.run_transformer(
-                    prefix,
-                    transformer.causal_attention_mask(valid),
-                    transformer.positions_from_mask(valid),
-                )
-                pooled = ops.mean(ops.cast(hidden_states, "float32"), axis=1)
-                outputs["image_tokens"].append(
-                    ops.convert_to_numpy(image_tokens)
-                )
+                image_tokens, pooled = encode(images[start : start + batch_size])
+                outputs["image_tokens"].append(ops.convert_to_numpy(image_tokens))
                 outputs["pooled"].append(ops.convert_to_numpy(pooled))
         return {
             name: np.concatenate(parts, axis=0)
             for name, parts in outputs.items()
         }
+
+    def _encode_images(self, images):
+        transformer = self.backbone.transformer
+        prefix, image_tokens = self._image_prefix(images)
+        valid = ops.ones(ops.shape(prefix)[:2], dtype="bool")
+        hidden_states = transformer.run_transformer(
+            prefix,
+            transformer.causal_attention_mask(valid),
+            transformer.positions_from_mask(valid),
+        )
+        pooled = ops.mean(ops.cast(hidden_states, "float32"), axis=1)
+        return image_tokens, pooled
 
     # --- Serialization -----------------------------------------------------------
 

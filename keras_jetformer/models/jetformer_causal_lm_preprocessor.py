@@ -31,7 +31,7 @@ def _is_tf_tensor(x):
 
 
 def _to_array(x):
-    """Leave TensorFlow tensors as they are; turn anything else into numpy."""
+    """Convert anything but a TensorFlow tensor to numpy."""
     if _is_tf_tensor(x):
         return x
     return convert_to_numpy(x)
@@ -73,11 +73,16 @@ class JetFormerCausalLMPreprocessor(CausalLMPreprocessor):
     For training, the input is a dict with `"images"` (values in [0, 255]),
     `"responses"` and optionally `"prompts"`. The text of each example is
     `prompt + response + end token`, truncated (the response first) and
-    padded to `sequence_length`. The output is a dict with `"images"` (in
-    [-1, 1] after the image converter), `"token_ids"`, `"padding_mask"` and
-    `"loss_mask"`, which is True on the response and end tokens only, so
-    that the prompt conditions the model but is not scored. There is no
-    start token: the model inserts BOS before the text itself.
+    padded to `sequence_length`. The output is an `(x, y, sample_weight)`
+    tuple. `x` is a dict with `"images"` (in [-1, 1] after the image
+    converter), `"token_ids"`, `"padding_mask"` and `"loss_mask"`. The loss
+    mask is True on the response and end tokens only, so that the prompt
+    conditions the model but is not scored. Unless given, `y` is
+    `"token_ids"` and `sample_weight` is `"loss_mask"`. The JetFormer
+    objective reads
+    `x["loss_mask"]` and ignores `y` and `sample_weight`. There is no start
+    token: the model inserts BOS before the text itself, so the logits at
+    position `t` predict `token_ids[t]`.
 
     `generate_preprocess` packs `{"images", "prompts"}` for `generate()`
     (the prompt tokens only, without an end token), and
@@ -103,7 +108,7 @@ class JetFormerCausalLMPreprocessor(CausalLMPreprocessor):
     preprocessor = keras_jetformer.models.JetFormerCausalLMPreprocessor(
         tokenizer, JetFormerImageConverter(), sequence_length=8
     )
-    preprocessor(
+    x, y, sample_weight = preprocessor(
         {
             "images": np.zeros((2, 16, 16, 1), "uint8"),
             "prompts": ["caption", ""],
@@ -168,7 +173,7 @@ class JetFormerCausalLMPreprocessor(CausalLMPreprocessor):
         self.built = True
 
     def _pack(self, segments, sequence_length, add_end_value):
-        """Pack token segments; return `(token_ids, padding_mask, segment_ids)`.
+        """Pack token segments into `(token_ids, padding_mask, segment_ids)`.
 
         `padding_mask` is True on the packed tokens, whatever the value of
         `attend_to_padding`.
@@ -199,6 +204,7 @@ class JetFormerCausalLMPreprocessor(CausalLMPreprocessor):
             )
         if not self.built:
             self.build(None)
+
         responses = x["responses"]
         prompts = x.get("prompts")
         if prompts is None:
@@ -217,6 +223,7 @@ class JetFormerCausalLMPreprocessor(CausalLMPreprocessor):
         else:
             pad_id = self.tokenizer.pad_token_id
         token_ids = _where(token_ids == _PADDING_SENTINEL, pad_id, token_ids)
+
         outputs = {
             "images": self._convert_images(x["images"]),
             "token_ids": token_ids,
@@ -224,6 +231,13 @@ class JetFormerCausalLMPreprocessor(CausalLMPreprocessor):
             "loss_mask": loss_mask,
         }
         outputs = convert_preprocessing_outputs_python(outputs)
+        # As in keras-hub, the targets are the token ids and the weights the
+        # loss mask. Logits at position `t` predict token `t` because the
+        # model inserts BOS, so the targets are not shifted.
+        if y is None:
+            y = outputs["token_ids"]
+        if sample_weight is None:
+            sample_weight = outputs["loss_mask"]
         return keras.utils.pack_x_y_sample_weight(outputs, y, sample_weight)
 
     def _generate_preprocess_python(self, x, sequence_length=None):

@@ -328,53 +328,11 @@ class JetFormerTextToImage(JetFormerTrainingMixin, TextToImage):
 
     # --- Likelihood ------------------------------------------------------------
 
-    def _image_bits_per_dim_given_noise(
-        self, images, token_ids, padding_mask, dequantization_noise, unconditional
-    ):
-        """Per-example image NLL `[B]` in bits/dim for one dequantization draw.
-
-        The evaluation-mode image NLL of `jetformer_objective` on text-first
-        rows; `unconditional=True` replaces the text by NOLABEL embeddings
-        as a dropped prefix is replaced in training.
-        """
-        backbone = self.backbone
-        transformer = backbone.transformer
-        images = ops.cast(images, "float32") + dequantization_noise
-        image_tokens, logdet = backbone.encode_images(images)
-        modelled_tokens, factored_tokens = backbone.split_image_tokens(
-            image_tokens
-        )
-        text_first_mask = ops.ones((ops.shape(images)[0],), dtype="bool")
-        embeddings, input_mask = transformer.embed_sequence(
-            token_ids,
-            padding_mask,
-            modelled_tokens,
-            text_first_mask,
-            drop_prefix=text_first_mask if unconditional else None,
-        )
-        hidden_states = transformer.run_transformer(
-            embeddings,
-            transformer.causal_attention_mask(input_mask),
-            transformer.positions_from_mask(input_mask),
-        )
-        _, image_hidden_states = transformer.split_hidden_states(
-            hidden_states, text_first_mask, ops.shape(token_ids)[1]
-        )
-        gmm_log_prob = transformer.image_head.log_prob(
-            transformer.image_head(image_hidden_states), modelled_tokens
-        )
-        nll_image, _, _ = bits_per_dim(
-            gmm_log_prob,
-            factored_tokens,
-            logdet,
-            math.prod(backbone.image_shape),
-        )
-        return nll_image
-
     def image_bits_per_dim(self, images, prompts=None, num_samples=1, seed=None):
         """Negative log-likelihood of images in bits per dimension.
 
-        The exact JetFormer likelihood in evaluation mode: uniform
+        The exact JetFormer likelihood in evaluation mode, as
+        `jetformer_objective` computes it on text-first rows: uniform
         dequantization noise in `[0, 1 / 127.5)` is the only noise, and the
         result is averaged over `num_samples` draws of it. Lower is better;
         the numbers compare with published bits/dim on 8-bit images.
@@ -385,11 +343,11 @@ class JetFormerTextToImage(JetFormerTrainingMixin, TextToImage):
                 in [-1, 1]).
             prompts: `B` prompt strings, a dict with `"prompts"`, or
                 (without a preprocessor) a dict with `"token_ids"` and
-                `"padding_mask"`. `None` scores the images unconditionally,
-                with the text replaced by NOLABEL tokens as for
-                classifier-free guidance; that needs a preprocessor, whose
-                `sequence_length` sets the number of NOLABEL tokens.
-                Defaults to `None`.
+                `"padding_mask"`. `None` scores the images unconditionally:
+                the text is replaced by NOLABEL tokens, as a dropped prefix
+                is in classifier-free guidance training. That needs a
+                preprocessor, whose `sequence_length` sets the number of
+                NOLABEL tokens. Defaults to `None`.
             num_samples: int. Dequantization draws to average over.
                 Defaults to `1`.
             seed: int. Seed of `numpy.random.default_rng`, which draws
@@ -412,14 +370,15 @@ class JetFormerTextToImage(JetFormerTrainingMixin, TextToImage):
             self.preprocessor.image_converter is not None
         ):
             images = self.preprocessor.image_converter(images)
-        images = ops.convert_to_numpy(images).astype("float32")
+        images = np.asarray(ops.convert_to_numpy(images), dtype="float32")
         if images.ndim != 4:
             raise ValueError(
                 "`images` must be a batch `[batch, height, width, channels]`. "
                 f"Received: images.shape={images.shape}"
             )
         batch_size = images.shape[0]
-        if prompts is None:
+        unconditional = prompts is None
+        if unconditional:
             if self.preprocessor is None:
                 raise ValueError(
                     "Unconditional bits/dim needs a preprocessor, whose "
@@ -431,36 +390,76 @@ class JetFormerTextToImage(JetFormerTrainingMixin, TextToImage):
             token_ids = np.zeros((batch_size, text_length), "int32")
             padding_mask = np.ones((batch_size, text_length), "bool")
         else:
-            if isinstance(prompts, str):
-                prompts = [prompts]
-            tokenized = self._tokenize_prompts(prompts)
+            tokenized = self._tokenize_prompts(
+                [prompts] if isinstance(prompts, str) else prompts
+            )
             token_ids = ops.convert_to_numpy(tokenized["token_ids"])
             padding_mask = ops.convert_to_numpy(tokenized["padding_mask"])
             if token_ids.ndim != 2 or token_ids.shape[0] != batch_size:
                 raise ValueError(
                     "`prompts` must give one prompt per image. Received: "
-                    f"{token_ids.shape[0] if token_ids.ndim == 2 else 1} "
-                    f"prompts for images.shape={images.shape}"
+                    f"token_ids.shape={token_ids.shape} for "
+                    f"images.shape={images.shape}"
                 )
 
-        rng = np.random.default_rng(seed)
-        total = np.zeros((batch_size,), "float64")
+        backbone = self.backbone
+        transformer = backbone.transformer
+        num_subpixels = math.prod(backbone.image_shape)
+
+        def nll_image(images, token_ids, padding_mask, dequantization_noise):
+            # The evaluation-mode image NLL of `jetformer_objective`.
+            image_tokens, logdet = backbone.encode_images(
+                images + dequantization_noise
+            )
+            modelled_tokens, factored_tokens = backbone.split_image_tokens(
+                image_tokens
+            )
+            text_first_mask = ops.ones((ops.shape(images)[0],), dtype="bool")
+            embeddings, input_mask = transformer.embed_sequence(
+                token_ids,
+                padding_mask,
+                modelled_tokens,
+                text_first_mask,
+                drop_prefix=text_first_mask if unconditional else None,
+            )
+            hidden_states = transformer.run_transformer(
+                embeddings,
+                transformer.causal_attention_mask(input_mask),
+                transformer.positions_from_mask(input_mask),
+            )
+            _, image_hidden_states = transformer.split_hidden_states(
+                hidden_states, text_first_mask, ops.shape(token_ids)[1]
+            )
+            gmm_log_prob = transformer.image_head.log_prob(
+                transformer.image_head(image_hidden_states), modelled_tokens
+            )
+            nll, _, _ = bits_per_dim(
+                gmm_log_prob, factored_tokens, logdet, num_subpixels
+            )
+            return nll
+
+        # Compiled once per call, reused for every draw.
+        backend = keras.config.backend()
+        function = nll_image
         context = contextlib.nullcontext()
-        if keras.config.backend() == "torch":
+        if backend == "torch":
             import torch
 
             context = torch.no_grad()
+        elif backend == "tensorflow" and not self.run_eagerly:
+            function = tf.function(nll_image)
+        elif backend == "jax" and not self.run_eagerly:
+            function = self._jax_generate_function(nll_image)
+
+        rng = np.random.default_rng(seed)
+        total = np.zeros((batch_size,), "float64")
         with context:
             for _ in range(num_samples):
                 noise = rng.uniform(0.0, 1.0 / PIXEL_HALF_RANGE, images.shape)
-                nll_image = self._image_bits_per_dim_given_noise(
-                    images,
-                    token_ids,
-                    padding_mask,
-                    noise.astype("float32"),
-                    unconditional=prompts is None,
+                nll = function(
+                    images, token_ids, padding_mask, noise.astype("float32")
                 )
-                total += ops.convert_to_numpy(nll_image)
+                total += ops.convert_to_numpy(nll)
         return (total / num_samples).astype("float32")
 
     # --- Serialization ---------------------------------------------------------

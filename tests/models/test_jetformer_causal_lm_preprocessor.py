@@ -63,20 +63,24 @@ class JetFormerCausalLMPreprocessorTest(TestCase):
             cls=JetFormerCausalLMPreprocessor,
             init_kwargs=self.init_kwargs,
             input_data=(self.input_data,),
-            expected_output={
-                "images": self.images / 127.5 - 1.0,
-                "token_ids": token_ids,
-                "padding_mask": padding_mask,
-                "loss_mask": loss_mask,
-            },
+            expected_output=(
+                {
+                    "images": self.images / 127.5 - 1.0,
+                    "token_ids": token_ids,
+                    "padding_mask": padding_mask,
+                    "loss_mask": loss_mask,
+                },
+                token_ids,
+                loss_mask,
+            ),
         )
 
     def test_missing_prompts_count_as_empty(self):
         preprocessor = JetFormerCausalLMPreprocessor(**self.init_kwargs)
-        without = preprocessor(
+        without, _, _ = preprocessor(
             {"images": self.images, "responses": self.input_data["responses"]}
         )
-        empty = preprocessor({**self.input_data, "prompts": ["", ""]})
+        empty, _, _ = preprocessor({**self.input_data, "prompts": ["", ""]})
         for key in ("token_ids", "padding_mask", "loss_mask"):
             self.assertAllEqual(without[key], empty[key])
 
@@ -84,7 +88,7 @@ class JetFormerCausalLMPreprocessorTest(TestCase):
         preprocessor = JetFormerCausalLMPreprocessor(
             **{**self.init_kwargs, "sequence_length": 4}
         )
-        outputs = preprocessor(
+        outputs, _, _ = preprocessor(
             {
                 "images": self.images[:1],
                 "prompts": ["caption"],
@@ -103,7 +107,7 @@ class JetFormerCausalLMPreprocessorTest(TestCase):
         preprocessor = JetFormerCausalLMPreprocessor(
             **self.init_kwargs, attend_to_padding=True
         )
-        outputs = preprocessor(self.input_data)
+        outputs, _, _ = preprocessor(self.input_data)
         first, _, prompt_length = self.expected_rows()
         padding = 6 - len(first)
         self.assertAllEqual(
@@ -152,7 +156,7 @@ class JetFormerCausalLMPreprocessorTest(TestCase):
         preprocessor = JetFormerCausalLMPreprocessor(**self.init_kwargs)
         cat = word_ids(self.tokenizer, "a cat")
         dog = word_ids(self.tokenizer, "dog")
-        # Row 0 keeps generating after its end token; row 1 has padding.
+        # Row 0 continues after its end token, and row 1 has padding.
         token_ids = np.array(
             [
                 cat + [self.end_id] + dog + [self.end_id] * 2,
@@ -203,3 +207,11 @@ class JetFormerCausalLMPreprocessorTest(TestCase):
             preprocessor({"images": self.images, "prompts": ["a", "b"]})
         with pytest.raises(ValueError, match="prompts"):
             preprocessor.generate_preprocess({"images": self.images})
+
+    def test_given_targets_and_weights_pass_through(self):
+        preprocessor = JetFormerCausalLMPreprocessor(**self.init_kwargs)
+        labels = np.array([1, 0])
+        weights = np.array([0.5, 2.0])
+        _, y, sample_weight = preprocessor(self.input_data, labels, weights)
+        self.assertAllEqual(y, labels)
+        self.assertAllEqual(sample_weight, weights)
