@@ -68,6 +68,10 @@ class JetFlow(keras.layers.Layer):
         dropout: float. Dropout rate of the coupling ViTs. Defaults to `0.0`.
         seed: int. Seed of the random channel permutations. Defaults to
             `None`.
+        remat: bool. Recompute each coupling's activations in the backward
+            pass (`keras.remat`) of `forward_and_log_det` instead of storing
+            them, which saves memory in training at the cost of a second
+            forward pass through the couplings. Defaults to `False`.
 
     Example:
 
@@ -97,6 +101,7 @@ class JetFlow(keras.layers.Layer):
         layer_norm_epsilon=1e-6,
         dropout=0.0,
         seed=None,
+        remat=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -139,7 +144,16 @@ class JetFlow(keras.layers.Layer):
         self.layer_norm_epsilon = layer_norm_epsilon
         self.dropout = dropout
         self.seed = seed
+        self.remat = remat
         self.couplings = []
+
+    @property
+    def input_dtype(self):
+        # Inputs are cast to the variable dtype, not the compute dtype.
+        # Under a mixed policy only the coupling networks then run in
+        # bfloat16. The tokens and the affine maps stay in float32, so the
+        # flow stays invertible to float32 precision.
+        return self.variable_dtype
 
     def _coupling_plan(self):
         """Yield `(kind, spatial_pattern)` for each coupling in order."""
@@ -209,9 +223,14 @@ class JetFlow(keras.layers.Layer):
         tokens = self._to_tokens(x)
         logdets = []
         for coupling in self.couplings:
-            tokens, coupling_logdet = coupling.forward_and_log_det(
-                tokens, context=context, training=training
-            )
+            if self.remat:
+                tokens, coupling_logdet = self._rematerialized_coupling(
+                    coupling, tokens, context, training
+                )
+            else:
+                tokens, coupling_logdet = coupling.forward_and_log_det(
+                    tokens, context=context, training=training
+                )
             logdets.append(coupling_logdet)
         return self._from_tokens(tokens), _sum(logdets)
 
@@ -237,6 +256,22 @@ class JetFlow(keras.layers.Layer):
         logdet = keras.KerasTensor((x.shape[0],), dtype="float32")
         return keras.KerasTensor(x.shape, dtype=x.dtype), logdet
 
+    def _rematerialized_coupling(self, coupling, tokens, context, training):
+        """Run one coupling under `keras.remat`; return `(tokens, logdet)`."""
+
+        # The context is an argument rather than a closure, because
+        # `tf.recompute_grad` differentiates only its arguments and the
+        # variables read inside.
+        def run_coupling(tokens, *context):
+            return coupling.forward_and_log_det(
+                tokens,
+                context=context[0] if context else None,
+                training=training,
+            )
+
+        inputs = () if context is None else (context,)
+        return keras.remat(run_coupling)(tokens, *inputs)
+
     def get_config(self):
         config = super().get_config()
         config.update(
@@ -254,6 +289,7 @@ class JetFlow(keras.layers.Layer):
                 "layer_norm_epsilon": self.layer_norm_epsilon,
                 "dropout": self.dropout,
                 "seed": self.seed,
+                "remat": self.remat,
             }
         )
         return config

@@ -34,7 +34,10 @@ class JetFormerTransformer(keras.layers.Layer):
     `run_transformer`, `split_hidden_states`, ...) are what training and
     cached generation use.
 
-    See `JetFormerBackbone` for the arguments.
+    See `JetFormerBackbone` for the arguments. With `remat=True` the
+    decoder blocks of `run_transformer` (without a cache) recompute their
+    activations in the backward pass (`keras.remat`) instead of storing
+    them.
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class JetFormerTransformer(keras.layers.Layer):
         layer_norm_epsilon=1e-6,
         dropout=0.0,
         rope_max_wavelength=10000,
+        remat=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -80,6 +84,7 @@ class JetFormerTransformer(keras.layers.Layer):
         self.layer_norm_epsilon = layer_norm_epsilon
         self.dropout = dropout
         self.rope_max_wavelength = rope_max_wavelength
+        self.remat = remat
 
         # === Layers ===
         self.token_embedding = ReversibleEmbedding(
@@ -288,12 +293,17 @@ class JetFormerTransformer(keras.layers.Layer):
         caches = []
         for index, block in enumerate(self.decoder_blocks):
             if cache is None:
-                x = block(
-                    x,
-                    attention_mask=attention_mask,
-                    positions=positions,
-                    training=training,
-                )
+                if self.remat:
+                    x = self._rematerialized_block(
+                        block, x, attention_mask, positions, training
+                    )
+                else:
+                    x = block(
+                        x,
+                        attention_mask=attention_mask,
+                        positions=positions,
+                        training=training,
+                    )
             else:
                 x, block_cache = block(
                     x,
@@ -394,6 +404,21 @@ class JetFormerTransformer(keras.layers.Layer):
             ),
         }
 
+    def _rematerialized_block(
+        self, block, x, attention_mask, positions, training
+    ):
+        """Run one decoder block under `keras.remat`."""
+
+        def run_block(x):
+            return block(
+                x,
+                attention_mask=attention_mask,
+                positions=positions,
+                training=training,
+            )
+
+        return keras.remat(run_block)(x)
+
     def get_config(self):
         config = super().get_config()
         config.update(
@@ -417,6 +442,7 @@ class JetFormerTransformer(keras.layers.Layer):
                 "layer_norm_epsilon": self.layer_norm_epsilon,
                 "dropout": self.dropout,
                 "rope_max_wavelength": self.rope_max_wavelength,
+                "remat": self.remat,
             }
         )
         return config
