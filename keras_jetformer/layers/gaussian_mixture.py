@@ -25,7 +25,14 @@ def squareplus(x):
     """
     x = ops.convert_to_tensor(x)
     root = ops.sqrt(ops.square(x) + 4.0)
-    return ops.where(x >= 0, (x + root) / 2.0, 2.0 / (root - x))
+    # The negative form gets only non-positive inputs: at large positive `x`
+    # it would divide by zero, and the gradient of the branch that `where`
+    # drops would still be NaN.
+    negative = ops.minimum(x, 0.0)
+    negative_root = ops.sqrt(ops.square(negative) + 4.0)
+    return ops.where(
+        x >= 0, (x + root) / 2.0, 2.0 / (negative_root - negative)
+    )
 
 
 def mixture_parameters(logits, num_mixtures, token_dim, scale_tol=1e-6):
