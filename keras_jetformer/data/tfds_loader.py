@@ -137,11 +137,11 @@ def _readable_class_names(names):
     return [name.replace("_", " ") for name in names]
 
 
-def _class_prompt(name):
+def _class_prompt(name, template=CLASS_PROMPT_TEMPLATE):
     # NOTE: the article follows the first letter, so "a photo of an unicorn"
     # and "a photo of a hourglass" come out wrong.
     article = "an" if name[:1].lower() in "aeiou" else "a"
-    return CLASS_PROMPT_TEMPLATE.format(article=article, name=name)
+    return template.format(article=article, name=name)
 
 
 def _class_names(info, element_spec, name, label_names):
