@@ -66,23 +66,30 @@ def parse_args(argv=None):
         choices=["jax", "tensorflow", "torch"],
     )
     parser.add_argument(
-        "--repeats", type=int, default=3, help="Timed runs per measurement."
+        "--repeats", type=int, default=5, help="Timed runs per measurement."
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
-def median_seconds(function, repeats):
+def median_seconds(functions, repeats):
+    """Return the median time of each function, timed in alternation.
+
+    Alternating the runs exposes all functions to the same load, so their
+    ratios stay meaningful on a shared machine.
+    """
     import numpy as np
     from keras import ops
 
-    ops.convert_to_numpy(function())  # Compile and warm up.
-    times = []
+    for function in functions:
+        ops.convert_to_numpy(function())  # Compile and warm up.
+    times = [[] for _ in functions]
     for _ in range(repeats):
-        start = time.perf_counter()
-        ops.convert_to_numpy(function())
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        for function, function_times in zip(functions, times):
+            start = time.perf_counter()
+            ops.convert_to_numpy(function())
+            function_times.append(time.perf_counter() - start)
+    return [float(np.median(function_times)) for function_times in times]
 
 
 def compile_function(function):
@@ -140,9 +147,10 @@ def run_worker(args):
                 ops.convert_to_tensor(1.0),
             )
 
-        unguided = median_seconds(generate(False), args.repeats)
-        guided = median_seconds(generate(True), args.repeats)
-        rejection = median_seconds(generate(True, "rejection"), args.repeats)
+        unguided, guided, rejection = median_seconds(
+            [generate(False), generate(True), generate(True, "rejection")],
+            args.repeats,
+        )
         print(f"{label} seconds_per_image {unguided / BATCH_SIZE:.4f}")
         print(f"{label} tokens_per_s {BATCH_SIZE * num_tokens / unguided:.1f}")
         print(f"{label} guided/unguided cost {guided / unguided:.2f}")
@@ -183,35 +191,55 @@ def run_worker(args):
 
         def uncached_steps(token_ids, padding_mask, image_tokens):
             text_first = ops.ones((BATCH_SIZE,), "bool")
+            slots = ops.arange(num_tokens)[None, :, None]
 
-            def step(index, total):
-                # Every token reruns the whole (fixed-length) sequence.
+            def step(index, carry):
+                written, total = carry
+                # Every token reruns the whole fixed-length sequence, with
+                # the tokens generated so far and zeros after them.
                 embeddings, input_mask = transformer.embed_sequence(
-                    token_ids, padding_mask, image_tokens, text_first
+                    token_ids, padding_mask, written, text_first
                 )
                 hidden = transformer.run_transformer(
                     embeddings,
                     transformer.causal_attention_mask(input_mask),
                     transformer.positions_from_mask(input_mask),
                 )
-                return total + ops.sum(hidden[:, TEXT_LENGTH + index])
+                output = hidden[:, TEXT_LENGTH + index]
+                # The next token depends on this step's output, as in real
+                # decoding, so no step can be hoisted out of the loop.
+                token = image_tokens[:, index] + 1e-6 * output[
+                    :, : backbone.image_token_dim
+                ]
+                written = ops.where(slots == index, token[:, None], written)
+                return written, total + ops.sum(output)
 
-            return ops.fori_loop(1, num_tokens, step, ops.zeros(()))
+            written = ops.where(slots < 1, image_tokens, 0.0)
+            _, total = ops.fori_loop(
+                1, num_tokens, step, (written, ops.zeros(()))
+            )
+            return total
 
         inputs = (token_ids, padding_mask, image_tokens)
         cached = compile_function(cached_steps(1, num_tokens))
         uncached = compile_function(uncached_steps)
-        cached_time = median_seconds(lambda: cached(*inputs), args.repeats)
-        uncached_time = median_seconds(lambda: uncached(*inputs), args.repeats)
+        cached_time, uncached_time = median_seconds(
+            [lambda: cached(*inputs), lambda: uncached(*inputs)], args.repeats
+        )
         print(f"{label} cached/uncached speedup {uncached_time / cached_time:.1f}")
 
         quarter = num_tokens // 4
         prefill = compile_function(cached_steps(1, 1))
         early = compile_function(cached_steps(1, 1 + quarter))
         late = compile_function(cached_steps(num_tokens - quarter, num_tokens))
-        prefill_time = median_seconds(lambda: prefill(*inputs), args.repeats)
-        early_time = median_seconds(lambda: early(*inputs), args.repeats)
-        late_time = median_seconds(lambda: late(*inputs), args.repeats)
+        prefill_time, early_time, late_time = median_seconds(
+            [
+                lambda: prefill(*inputs),
+                lambda: early(*inputs),
+                lambda: late(*inputs),
+            ],
+            args.repeats,
+        )
         ratio = (late_time - prefill_time) / max(early_time - prefill_time, 1e-9)
         print(f"{label} last/first token time ratio {ratio:.2f}")
         sys.stdout.flush()

@@ -6,6 +6,8 @@ token, d modelled dims per image token, T text length, E width, L sequence
 length, V text classes, K mixture components.
 """
 
+import contextlib
+
 import keras
 from keras import ops
 
@@ -17,6 +19,24 @@ from keras_jetformer.layers.patching import grid_to_tokens
 from keras_jetformer.layers.patching import patchify
 from keras_jetformer.layers.patching import tokens_to_grid
 from keras_jetformer.layers.patching import unpatchify
+from keras_jetformer.models.input_checks import check_image_tensor
+from keras_jetformer.models.input_checks import check_token_tensor
+
+
+@contextlib.contextmanager
+def preset_weights_errors(preset):
+    """Turn an unreadable weights file into a `ValueError` naming the preset.
+
+    h5py raises `OSError` for truncated or corrupted files.
+    """
+    try:
+        yield
+    except OSError as error:
+        raise ValueError(
+            f"The weights of preset {preset!r} could not be read: {error}. "
+            "The file is corrupted or incomplete; save or download the "
+            f"preset again. Received: preset={preset!r}"
+        ) from error
 
 
 def _require_positive_int(name, value):
@@ -97,6 +117,11 @@ class JetFormerBackbone(Backbone):
         rope_max_wavelength: float. Defaults to `10000`.
         seed: int. Seed of the flow's random channel permutations. Defaults
             to `None`.
+        remat: bool. Rematerialization: recompute the activations of every
+            flow coupling and transformer block in the backward pass
+            (`keras.remat`) instead of storing them, which lowers the peak
+            memory of training at the cost of about one more forward pass.
+            Requires `dropout=0` and `flow_dropout=0`. Defaults to `False`.
         dtype: string or `keras.mixed_precision.DTypePolicy`. Dtype policy of
             the model's computations and weights.
 
@@ -166,6 +191,7 @@ class JetFormerBackbone(Backbone):
         flow_dropout=0.0,
         rope_max_wavelength=10000,
         seed=None,
+        remat=False,
         dtype=None,
         **kwargs,
     ):
@@ -198,9 +224,11 @@ class JetFormerBackbone(Backbone):
                 f"patch_size={patch_size}"
             )
         token_dim = patch_size * patch_size * channels
-        if image_token_dim > token_dim:
+        # The model factors out at least one dim per token to the N(0, 1)
+        # prior.
+        if image_token_dim >= token_dim:
             raise ValueError(
-                "`image_token_dim` must not exceed the token dimension "
+                "`image_token_dim` must be smaller than the token dimension "
                 f"`patch_size**2 * channels` = {token_dim}. "
                 f"Received: image_token_dim={image_token_dim}"
             )
@@ -217,6 +245,13 @@ class JetFormerBackbone(Backbone):
                     f"`{name}` must be a text id in [0, vocabulary_size="
                     f"{vocabulary_size}). Received: {name}={value}"
                 )
+        if remat and (dropout or flow_dropout):
+            # The recomputation would draw new dropout masks, so the
+            # gradients would not match the forward pass.
+            raise ValueError(
+                "`remat=True` requires `dropout=0` and `flow_dropout=0`. "
+                f"Received: dropout={dropout}, flow_dropout={flow_dropout}"
+            )
         if not tie_text_embeddings and num_vocab_repeats != 1:
             raise ValueError(
                 "Untied text logits support one vocabulary repeat only. "
@@ -236,6 +271,7 @@ class JetFormerBackbone(Backbone):
             layer_norm_epsilon=layer_norm_epsilon,
             dropout=flow_dropout,
             seed=seed,
+            remat=remat,
             dtype=dtype,
             name="flow",
         )
@@ -260,6 +296,7 @@ class JetFormerBackbone(Backbone):
             layer_norm_epsilon=layer_norm_epsilon,
             dropout=dropout,
             rope_max_wavelength=rope_max_wavelength,
+            remat=remat,
             dtype=dtype,
             name="transformer",
         )
@@ -338,15 +375,17 @@ class JetFormerBackbone(Backbone):
         self.flow_dropout = flow_dropout
         self.rope_max_wavelength = rope_max_wavelength
         self.seed = seed
+        self.remat = remat
 
     # --- Images <-> soft tokens --------------------------------------------
 
     def encode_images(self, images, training=None):
         """Map images `[B, H, W, C]` to flow tokens `[B, N, D]` and logdet.
 
-        `images` are in `[-1, 1]`; the log-determinant `[B]` is in nats for
-        that scale.
+        `images` are floats in `[-1, 1]`; the log-determinant `[B]` is in
+        nats for that scale.
         """
+        check_image_tensor(images, self.image_shape)
         grid = patchify(images, self.patch_size)
         grid, logdet = self.flow(grid, training=training)
         return grid_to_tokens(grid), logdet
@@ -356,6 +395,9 @@ class JetFormerBackbone(Backbone):
 
         The images are not clipped.
         """
+        check_token_tensor(
+            image_tokens, (self.num_image_tokens, self.token_dim)
+        )
         grid = tokens_to_grid(image_tokens, *self.grid_shape)
         grid, _ = self.flow.inverse_and_log_det(grid)
         return unpatchify(grid, self.patch_size)
@@ -364,6 +406,129 @@ class JetFormerBackbone(Backbone):
         """Split `[B, N, D]` into modelled `[B, N, d]` and factored dims."""
         d = self.image_token_dim
         return image_tokens[..., :d], image_tokens[..., d:]
+
+    # --- Distribution ------------------------------------------------------
+
+    @staticmethod
+    def get_layout_map(
+        device_mesh,
+        model_parallel_dim_name="model",
+        data_parallel_dim_name="batch",
+    ):
+        """Return a `keras.distribution.LayoutMap` that shards the weights.
+
+        Every large kernel and embedding of the transformer and of the flow
+        is split along one axis over the model axis of `device_mesh`, and
+        replicated over the data axis. The optimizer's moments take the
+        layout of their variable, so weights and optimizer state are both
+        sharded, as in FSDP. Norm scales, biases and the frozen coupling
+        permutations are small and stay replicated. The split axis is the
+        model width, the MLP width or the coupling ViT width, and each must
+        be divisible by the size of the model axis. For the preset sizes
+        this holds for model axes of 1, 2, 4, ... up to 512 devices.
+
+        Args:
+            device_mesh: `keras.distribution.DeviceMesh`. The mesh to shard
+                over.
+            model_parallel_dim_name: string. Mesh axis that the weights are
+                split over. Defaults to `"model"`.
+            data_parallel_dim_name: string. Mesh axis that the batch is split
+                over. Defaults to `"batch"`.
+
+        Returns:
+            `keras.distribution.LayoutMap`, for
+            `keras.distribution.ModelParallel(layout_map=..., batch_dim_name=
+            data_parallel_dim_name)`.
+
+        Example:
+
+        ```python
+        devices = keras.distribution.list_devices()
+        mesh = keras.distribution.DeviceMesh(
+            shape=(2, len(devices) // 2),
+            axis_names=("batch", "model"),
+            devices=devices,
+        )
+        layout_map = JetFormerBackbone.get_layout_map(mesh)
+        distribution = keras.distribution.ModelParallel(
+            layout_map=layout_map, batch_dim_name="batch"
+        )
+        with distribution.scope():
+            backbone = JetFormerBackbone.from_preset(
+                "jetformer_350m_imagenet_256", load_weights=False
+            )
+        ```
+        """
+        if not isinstance(device_mesh, keras.distribution.DeviceMesh):
+            raise ValueError(
+                "`device_mesh` must be a `keras.distribution.DeviceMesh`. "
+                f"Received: device_mesh={device_mesh!r}"
+            )
+        for name, value in (
+            ("model_parallel_dim_name", model_parallel_dim_name),
+            ("data_parallel_dim_name", data_parallel_dim_name),
+        ):
+            if value not in device_mesh.axis_names:
+                raise ValueError(
+                    f"`{name}` must be an axis of `device_mesh`, whose axes "
+                    f"are {list(device_mesh.axis_names)}. "
+                    f"Received: {name}={value!r}"
+                )
+        model = model_parallel_dim_name
+        # Weight paths: see `backbone.weights`. Patterns must match whole
+        # paths, and each path may match at most one pattern.
+        decoder = r"(.*/)?transformer/decoder_block_\d+"
+        vit = r"(.*/)?flow/coupling_\d+/transformer_layer_\d+"
+        coupling = r"(.*/)?flow/coupling_\d+"
+        layout_map = keras.distribution.LayoutMap(device_mesh)
+
+        # Transformer: split the model width E, or the MLP width for the
+        # MLP's output kernel. Embeddings are `[V, E]` and `[E, V]`, with V
+        # the text classes, which is seldom divisible by the model axis.
+        transformer = r"(.*/)?transformer"
+        layout_map[f"{transformer}/token_embedding/embeddings"] = (None, model)
+        layout_map[f"{transformer}/token_embedding/reverse_embeddings"] = (
+            model,
+            None,
+        )
+        # Query `[heads, E, head_dim]`; key and value `[kv_heads, E,
+        # head_dim]` with a single key/value head in the presets.
+        layout_map[f"{decoder}/attention/(query|key|value)/kernel"] = (
+            None,
+            model,
+            None,
+        )
+        layout_map[f"{decoder}/attention/attention_output/kernel"] = (
+            None,
+            None,
+            model,
+        )
+        layout_map[f"{decoder}/(ffw_gating|ffw_up)/kernel"] = (None, model)
+        layout_map[f"{decoder}/ffw_down/kernel"] = (model, None)
+        # Mixture head `[E, K * (1 + 2d)]`.
+        layout_map[f"{transformer}/image_head/kernel"] = (model, None)
+
+        # Flow couplings: split the coupling ViT width.
+        layout_map[f"{coupling}/position_embedding"] = (None, None, model)
+        layout_map[f"{coupling}/input_projection/kernel"] = (None, model)
+        layout_map[f"{coupling}/output_projection/kernel"] = (model, None)
+        layout_map[
+            f"{vit}/self_attention_layer/(query|key|value)/kernel"
+        ] = (model, None, None)
+        layout_map[f"{vit}/self_attention_layer/attention_output/kernel"] = (
+            None,
+            None,
+            model,
+        )
+        layout_map[f"{vit}/feedforward_intermediate_dense/kernel"] = (
+            None,
+            model,
+        )
+        layout_map[f"{vit}/feedforward_output_dense/kernel"] = (model, None)
+        # The frozen split-and-merge permutations are read whole by every
+        # device.
+        layout_map[f"{coupling}/permutation"] = (None,)
+        return layout_map
 
     # --- Presets -----------------------------------------------------------
 
@@ -402,7 +567,28 @@ class JetFormerBackbone(Backbone):
         from keras_jetformer.models.jetformer_presets import check_preset
 
         check_preset(preset, load_weights)
-        return super().from_preset(preset, load_weights=load_weights, **kwargs)
+        with preset_weights_errors(preset):
+            return super().from_preset(
+                preset, load_weights=load_weights, **kwargs
+            )
+
+    def save_to_preset(self, preset_dir, max_shard_size=10, overwrite=False):
+        """Save the backbone to a preset directory.
+
+        Args:
+            preset_dir: string. The local preset directory.
+            max_shard_size: int or float. Maximum size in GB of each weights
+                file; `None` writes one file. Defaults to `10`.
+            overwrite: bool. Write into `preset_dir` even if it contains
+                files other than an earlier preset. Defaults to `False`, which
+                raises a `ValueError` for such a directory.
+        """
+        from keras_jetformer.models.jetformer_presets import (
+            check_save_directory,
+        )
+
+        check_save_directory(preset_dir, overwrite)
+        super().save_to_preset(preset_dir, max_shard_size=max_shard_size)
 
     # --- Serialization -----------------------------------------------------
 
@@ -440,6 +626,7 @@ class JetFormerBackbone(Backbone):
                 "flow_dropout": self.flow_dropout,
                 "rope_max_wavelength": self.rope_max_wavelength,
                 "seed": self.seed,
+                "remat": self.remat,
             }
         )
         return config

@@ -26,6 +26,7 @@ from keras_hub.samplers import Sampler
 from keras_hub.src.samplers.serialization import get as get_sampler
 from keras_hub.src.utils.tensor_utils import any_equal
 
+from keras_jetformer.models.input_checks import check_model_images
 from keras_jetformer.models.jetformer_backbone import JetFormerBackbone
 from keras_jetformer.models.jetformer_causal_lm_preprocessor import (
     JetFormerCausalLMPreprocessor,
@@ -84,7 +85,9 @@ def _check_batch_size(batch_size):
 
 @keras.saving.register_keras_serializable(package="keras_jetformer")
 class JetFormerCausalLM(JetFormerTrainingMixin, CausalLM):
-    """JetFormer task that writes text about images and trains with `fit`.
+    # Assigned, not a docstring literal, because it includes the shared
+    # `TRAINING_ARGS_DOC`.
+    __doc__ = """JetFormer task that writes text about images and trains with `fit`.
 
     The image-first direction of JetFormer: every sequence is
     `[BOI, image, BOS, text]`, where the image tokens are the modelled
@@ -464,13 +467,7 @@ class JetFormerCausalLM(JetFormerTrainingMixin, CausalLM):
             self.preprocessor.image_converter is not None
         ):
             images = self.preprocessor.image_converter(images)
-        images = np.asarray(ops.convert_to_numpy(images), dtype="float32")
-        if images.ndim != 4:
-            raise ValueError(
-                "`images` must be a batch `[batch, height, width, channels]`. "
-                f"Received: images.shape={images.shape}"
-            )
-        return images
+        return check_model_images(images, self.backbone.image_shape)
 
     def _pack_candidates(self, texts):
         """Tokenize candidate texts; return `(token_ids, score_mask)` `[C, T]`.

@@ -19,6 +19,7 @@ Parameter counts are computed from each `config.json` with
 import json
 import os
 
+from keras_hub.src.utils.preset_utils import ASSET_DIR
 from keras_hub.src.utils.preset_utils import BUILTIN_PRESETS
 from keras_hub.src.utils.preset_utils import BUILTIN_PRESETS_FOR_BACKBONE
 from keras_hub.src.utils.preset_utils import CONFIG_FILE
@@ -239,7 +240,9 @@ def check_preset(preset, load_weights):
     that is neither a registered preset, a URI (`scheme://...`) nor an
     existing path, when a built-in preset's directory is missing, and when
     `load_weights=True` is asked of a built-in preset that has no weights
-    (the architecture presets).
+    (the architecture presets). A local directory must hold the
+    `config.json` of a `JetFormerBackbone` and, with `load_weights=True`,
+    its weights.
     """
     if not isinstance(preset, str):
         return  # keras-hub raises its own error.
@@ -269,6 +272,68 @@ def check_preset(preset, load_weights):
             f"Unknown preset {preset!r}: it is neither a built-in preset nor "
             "an existing preset directory. Built-in JetFormer presets: "
             f"{', '.join(sorted(known))}. Received: preset={preset!r}"
+        )
+    if os.path.isdir(preset):
+        _check_preset_directory(preset, load_weights)
+
+
+def _check_preset_directory(directory, load_weights):
+    """Check that a local preset directory contains a JetFormer backbone."""
+    config_path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.exists(config_path):
+        raise ValueError(
+            f"The preset directory {directory} has no {CONFIG_FILE}, so it "
+            "is not a keras-hub preset; write one with `save_to_preset`. "
+            f"It contains: {sorted(os.listdir(directory))}. "
+            f"Received: preset={directory!r}"
+        )
+    try:
+        with open(config_path, encoding="utf-8") as file:
+            class_name = json.load(file)["class_name"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"The preset file {config_path} is not a valid keras-hub config "
+            f"({error}). Received: preset={directory!r}"
+        ) from error
+    if class_name.split(">")[-1] != JetFormerBackbone.__name__:
+        raise ValueError(
+            f"The preset in {directory} is a {class_name}, not a "
+            "JetFormerBackbone; load it with that model's own class. "
+            f"Received: preset={directory!r}"
+        )
+    if load_weights and not has_weights(directory):
+        raise ValueError(
+            f"The preset directory {directory} has no weights file "
+            f"({MODEL_WEIGHTS_FILE}). Pass `load_weights=False` for a "
+            "randomly initialised model, or save the preset again. "
+            f"Received: preset={directory!r}, load_weights={load_weights}"
+        )
+
+
+def _is_preset_file(name):
+    return name == ASSET_DIR or name.endswith((".json", ".h5"))
+
+
+def check_save_directory(preset_dir, overwrite):
+    """Raise unless `save_to_preset` may write into `preset_dir`.
+
+    Writing is allowed into a missing or empty directory, into an earlier
+    preset (a directory of only `.json` and `.h5` files and `assets/`), and
+    anywhere with `overwrite=True`. A task saves its backbone through the
+    backbone's `save_to_preset`, after writing `task.json`, so the check
+    cannot require `config.json`.
+    """
+    if overwrite or not os.path.isdir(preset_dir):
+        return
+    entries = sorted(os.listdir(preset_dir))
+    if not entries:
+        return
+    if not all(map(_is_preset_file, entries)):
+        raise ValueError(
+            f"The directory {preset_dir} is not empty and is not a preset "
+            f"(it contains {entries[:10]}), so `save_to_preset` does not "
+            "write into it. Choose an empty directory, or pass "
+            f"`overwrite=True`. Received: preset_dir={preset_dir!r}"
         )
 
 

@@ -11,6 +11,8 @@ from keras_hub.models import TextToImage
 
 from keras_jetformer.generation.image_generation import generate_image_tokens
 from keras_jetformer.generation.image_sampling import GUIDANCE_METHODS
+from keras_jetformer.models.input_checks import check_model_images
+from keras_jetformer.models.input_checks import check_token_ids
 from keras_jetformer.models.jetformer_backbone import JetFormerBackbone
 from keras_jetformer.models.jetformer_text_to_image_preprocessor import (
     JetFormerTextToImagePreprocessor,
@@ -29,7 +31,9 @@ except ImportError:
 
 @keras.saving.register_keras_serializable(package="keras_jetformer")
 class JetFormerTextToImage(JetFormerTrainingMixin, TextToImage):
-    """JetFormer task that generates images from text and trains with `fit`.
+    # Assigned, not a docstring literal, because it includes the shared
+    # `TRAINING_ARGS_DOC`.
+    __doc__ = """JetFormer task that generates images from text and trains with `fit`.
 
     `fit` trains with the JetFormer objective (see `JetFormerTrainingMixin`):
     the noise curriculum over `training_steps`, dequantization noise, latent
@@ -225,6 +229,11 @@ class JetFormerTextToImage(JetFormerTrainingMixin, TextToImage):
         if self.preprocessor is not None:
             return self.preprocessor.generate_preprocess(prompts)
         if isinstance(prompts, dict) and "token_ids" in prompts:
+            check_token_ids(
+                prompts["token_ids"],
+                prompts.get("padding_mask"),
+                self.backbone.vocabulary_size,
+            )
             return prompts
         raise ValueError(
             "Without a preprocessor, `generate()` needs tokenized prompts: a "
@@ -370,12 +379,7 @@ class JetFormerTextToImage(JetFormerTrainingMixin, TextToImage):
             self.preprocessor.image_converter is not None
         ):
             images = self.preprocessor.image_converter(images)
-        images = np.asarray(ops.convert_to_numpy(images), dtype="float32")
-        if images.ndim != 4:
-            raise ValueError(
-                "`images` must be a batch `[batch, height, width, channels]`. "
-                f"Received: images.shape={images.shape}"
-            )
+        images = check_model_images(images, self.backbone.image_shape)
         batch_size = images.shape[0]
         unconditional = prompts is None
         if unconditional:
@@ -401,6 +405,9 @@ class JetFormerTextToImage(JetFormerTrainingMixin, TextToImage):
                     f"token_ids.shape={token_ids.shape} for "
                     f"images.shape={images.shape}"
                 )
+            check_token_ids(
+                token_ids, padding_mask, self.backbone.vocabulary_size
+            )
 
         backbone = self.backbone
         transformer = backbone.transformer

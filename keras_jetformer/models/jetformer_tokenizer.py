@@ -28,26 +28,10 @@ class JetFormerTokenizer(SentencePieceTokenizer):
     Example:
 
     ```python
-    import io
-    import keras_hub
-
-    bytes_io = io.BytesIO()
-    keras_hub.tokenizers.compute_sentence_piece_proto(
-        ["a handwritten seven", "the digit 7"] * 10,
-        vocabulary_size=20,
-        proto_output_file=bytes_io,
-        model_type="WORD",
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        pad_piece="<pad>",
-        eos_piece="</s>",
-        unk_piece="<unk>",
+    proto = keras_jetformer.models.compute_jetformer_tokenizer_proto(
+        ["a handwritten seven", "the digit 7"]
     )
-    tokenizer = keras_jetformer.models.JetFormerTokenizer(
-        proto=bytes_io.getvalue()
-    )
+    tokenizer = keras_jetformer.models.JetFormerTokenizer(proto=proto)
     tokenizer("the digit 7")
     ```
     """

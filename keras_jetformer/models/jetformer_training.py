@@ -3,12 +3,20 @@
 import keras
 from keras import ops
 
+from keras_jetformer.models.input_checks import check_image_tensor
+from keras_jetformer.models.input_checks import check_model_images
+from keras_jetformer.models.input_checks import concrete_array
+from keras_jetformer.models.jetformer_backbone import preset_weights_errors
+from keras_jetformer.models.jetformer_presets import check_preset
+from keras_jetformer.models.jetformer_presets import check_save_directory
+from keras_jetformer.training.callbacks import NonFiniteLossGuard
 from keras_jetformer.training.objective import draw_training_noise
 from keras_jetformer.training.objective import jetformer_objective
 from keras_jetformer.training.objective import noise_curriculum
 from keras_jetformer.training.optimizer import exclude_from_weight_decay
 from keras_jetformer.training.optimizer import jetformer_optimizer
 from keras_jetformer.training.train_step import ObjectiveTrainer
+from keras_jetformer.training.train_step import replica_seed_generator
 
 TRAINING_CONFIG_DEFAULTS = {
     "training_steps": None,
@@ -67,8 +75,13 @@ class LastValue(keras.metrics.Metric):
 
     def __init__(self, name="last_value", **kwargs):
         super().__init__(name=name, **kwargs)
+        # Under `tf.distribute`, the replicas' copies would be summed on
+        # read; all replicas hold the same value, so read the first.
         self.value = self.add_variable(
-            shape=(), initializer="zeros", name="value"
+            shape=(),
+            initializer="zeros",
+            aggregation="only_first_replica",
+            name="value",
         )
 
     def update_state(self, value):
@@ -171,7 +184,71 @@ class JetFormerTrainingMixin(ObjectiveTrainer):
         if getattr(optimizer, "weight_decay", None):
             exclude_from_weight_decay(optimizer, self)
         keras.Model.compile(self, optimizer=optimizer, **kwargs)
+        # Build the optimizer now rather than inside the first compiled step:
+        # tensorflow traces a `tf.function` a second time when its first
+        # trace created variables.
+        if self.built and not self.optimizer.built:
+            self.optimizer.build(self.trainable_variables)
         self.generate_function = None
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """Instantiate the task from a preset, with clearer errors.
+
+        Works as `keras_hub.models.Task.from_preset`; unknown preset names,
+        directories without a JetFormer `config.json`, missing weights and
+        unreadable weights files raise a `ValueError` that names the preset.
+        """
+        check_preset(preset, load_weights)
+        with preset_weights_errors(preset):
+            return super().from_preset(
+                preset, load_weights=load_weights, **kwargs
+            )
+
+    def save_to_preset(self, preset_dir, max_shard_size=10, overwrite=False):
+        """Save the task, its backbone and preprocessor to a preset directory.
+
+        Args:
+            preset_dir: string. The local preset directory.
+            max_shard_size: int or float. Maximum size in GB of each weights
+                file; `None` writes one file. Defaults to `10`.
+            overwrite: bool. Write into `preset_dir` even if it contains
+                files other than an earlier preset. Defaults to `False`, which
+                raises a `ValueError` for such a directory.
+        """
+        check_save_directory(preset_dir, overwrite)
+        super().save_to_preset(preset_dir, max_shard_size=max_shard_size)
+
+    def _check_array_inputs(self, x):
+        """Check the images of in-memory inputs before Keras casts them.
+
+        Keras casts numpy inputs to the model's float32 inputs, so raw
+        uint8 pixels given without a preprocessor would silently train
+        as values in [0, 255]. Datasets are checked by the shape and dtype
+        checks inside the step instead.
+        """
+        if self.preprocessor is not None or not isinstance(x, dict):
+            return
+        if "images" in x and concrete_array(x["images"]) is not None:
+            check_model_images(x["images"], self.backbone.image_shape)
+
+    def fit(self, x=None, *args, callbacks=None, **kwargs):
+        """Train with `keras.Model.fit`, guarded against a non-finite loss.
+
+        A `training.NonFiniteLossGuard` is appended to `callbacks` unless
+        one is there already; pass your own to change how often it checks.
+        """
+        self._check_array_inputs(x)
+        callbacks = list(callbacks or [])
+        if not any(isinstance(c, NonFiniteLossGuard) for c in callbacks):
+            # Appended last, so that it reads the step count that
+            # `BackupAndRestore` restored.
+            callbacks.append(NonFiniteLossGuard())
+        return super().fit(x, *args, callbacks=callbacks, **kwargs)
+
+    def evaluate(self, x=None, *args, **kwargs):
+        self._check_array_inputs(x)
+        return super().evaluate(x, *args, **kwargs)
 
     def _saved_seed_generators(self):
         generators = [self.seed_generator]
@@ -236,9 +313,11 @@ class JetFormerTrainingMixin(ObjectiveTrainer):
         config = self.training_config
         backbone = self.backbone
         images = ops.convert_to_tensor(x["images"])
+        # Shapes and dtypes are static, so this costs nothing per step.
+        check_image_tensor(images, backbone.image_shape)
         if draws is None:
             draws = draw_training_noise(
-                self.seed_generator,
+                replica_seed_generator(self.seed_generator),
                 images_shape=tuple(ops.shape(images)),
                 num_image_tokens=backbone.num_image_tokens,
                 image_token_dim=backbone.image_token_dim,

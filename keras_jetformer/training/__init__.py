@@ -1,5 +1,7 @@
 """The JetFormer objective, noise curriculum, optimizer and train steps."""
 
+from keras_jetformer.training.callbacks import NonFiniteLossError
+from keras_jetformer.training.callbacks import NonFiniteLossGuard
 from keras_jetformer.training.objective import add_rgb_noise
 from keras_jetformer.training.objective import bits_per_dim
 from keras_jetformer.training.objective import draw_training_noise

@@ -51,6 +51,24 @@ class ObjectiveTrainer:
             f"Training is not implemented for the {backend!r} backend."
         )
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Build the optimizer under the `tf.distribute` strategy.
+
+        Overrides a private hook of Keras' TensorFlow trainer (Keras 3.15),
+        which builds a model under a strategy by averaging the first batch
+        over the replicas. That average fails on boolean inputs such as
+        `padding_mask`, and a built JetFormer task only needs its optimizer
+        variables created in the strategy's scope.
+        """
+        strategy = getattr(self, "_distribute_strategy", None)
+        if strategy is None or not self.built:
+            return super()._maybe_symbolic_build(
+                iterator=iterator, data_batch=data_batch
+            )
+        if self.optimizer is not None and not self.optimizer.built:
+            with strategy.scope():
+                self.optimizer.build(self.trainable_variables)
+
     def test_step(self, *args):
         if keras.config.backend() == "jax":
             return _jax_test_step(self, *args)
@@ -62,16 +80,68 @@ class ObjectiveTrainer:
 # --- TensorFlow ---------------------------------------------------------------
 
 
+class _ReplicaSeedGenerator(keras.random.SeedGenerator):
+    """Seeds of `seed_generator` folded with a `tf.distribute` replica id.
+
+    Every replica advances the shared (mirrored) state of `seed_generator`
+    in step, so without the fold all replicas would draw the same noise.
+    Holds no state of its own.
+    """
+
+    def __init__(self, seed_generator, replica_id):
+        # `SeedGenerator.__init__` would create a state variable.
+        self.seed_generator = seed_generator
+        self.replica_id = replica_id
+        self.backend = seed_generator.backend
+        self.name = seed_generator.name
+
+    def next(self, ordered=True):
+        import tensorflow as tf
+
+        seed = self.seed_generator.next(ordered=ordered)
+        folded = tf.random.experimental.stateless_fold_in(
+            seed, tf.cast(self.replica_id, tf.int32)
+        )
+        return tf.cast(folded, seed.dtype)
+
+
+def replica_seed_generator(seed_generator):
+    """Return a seed generator that gives each data-parallel replica its own
+    draws.
+
+    Under a `tf.distribute` strategy with several replicas, each replica
+    runs the train step on its share of the global batch with the same
+    (mirrored) seed state, so the seeds are folded with the replica id.
+    Elsewhere `seed_generator` is returned unchanged: on JAX one program
+    draws the noise of the whole global batch, and sharding splits it.
+    """
+    if keras.config.backend() != "tensorflow":
+        return seed_generator
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return seed_generator
+    return _ReplicaSeedGenerator(
+        seed_generator, context.replica_id_in_sync_group
+    )
+
+
 def _tensorflow_train_step(model, data):
     import tensorflow as tf
 
     x = _unpack_inputs(data)
     variables = model.trainable_variables
+    # Each replica's loss is the mean over its share of the batch, and the
+    # optimizer sums the replicas' gradients, so dividing by the number of
+    # replicas averages over the global batch (exactly when the shares are
+    # equal, as with `drop_remainder=True`).
+    num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
     with tf.GradientTape() as tape:
         loss, metrics = model.compute_objective(
             x, step=model.optimizer.iterations, training=True
         )
-        scaled_loss = model.optimizer.scale_loss(loss)
+        scaled_loss = model.optimizer.scale_loss(loss / num_replicas)
     gradients = tape.gradient(scaled_loss, variables)
     model.optimizer.apply_gradients(zip(gradients, variables))
     return model.update_objective_metrics(loss, metrics)
