@@ -103,6 +103,10 @@ class JetFormerBackbone(Backbone):
             `vocabulary_size - 2`.
         nolabel_id: int. Id that replaces a dropped text prefix
             (classifier-free guidance). Defaults to `vocabulary_size - 1`.
+            NOTE: a preset's config stores all three ids, so
+            `from_preset(..., vocabulary_size=N)` keeps the old ids; pass
+            `bos_id`, `boi_id` and `nolabel_id` as well when changing the
+            vocabulary size.
         num_vocab_repeats: int. The text is embedded this many times with
             separate tables and concatenated, which gives a one-token class
             label more weight. Defaults to `1`.
