@@ -32,8 +32,8 @@ CONFIGS = {
     "bench-32": {"image_shape": (32, 32, 3), "num_mixtures": 64},
     "tokens-256": {"image_shape": (64, 64, 3), "num_mixtures": 64},
 }
-# The bench-32 transformer and flow (see the benchmark config of the design
-# notes); the flow does not take part in decoding until the last step.
+# The bench-32 transformer and flow. The flow decodes the image only once,
+# after the last token.
 BACKBONE_ARGUMENTS = {
     "patch_size": 4,
     "image_token_dim": 16,
