@@ -32,7 +32,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--backend",
         choices=("jax", "tensorflow", "torch"),
-        default=os.environ.get("KERAS_BACKEND", "jax"),
+        default=os.environ.get("KERAS_BACKEND") or "jax",
         help="Keras backend.",
     )
     parser.add_argument(

@@ -155,7 +155,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--backend",
         choices=("jax", "tensorflow", "torch"),
-        default=os.environ.get("KERAS_BACKEND", "jax"),
+        default=os.environ.get("KERAS_BACKEND") or "jax",
         help="Keras backend. Default: $KERAS_BACKEND or jax.",
     )
     parser.add_argument(

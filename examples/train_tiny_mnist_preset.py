@@ -35,7 +35,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--backend",
         choices=("jax", "tensorflow", "torch"),
-        default=os.environ.get("KERAS_BACKEND", "jax"),
+        default=os.environ.get("KERAS_BACKEND") or "jax",
         help="Keras backend.",
     )
     parser.add_argument("--steps", type=int, default=2000, help="Optimizer steps.")
