@@ -69,7 +69,7 @@ SIZE_ARGUMENTS = (
 )
 
 # `(pattern, replacement, reason)`, applied in order with `re.sub`. The
-# preset names are replaced in `substitute`, which knows the preset folder.
+# preset names are replaced in `substitute`, which receives the preset folder.
 SUBSTITUTIONS = [
     *[
         (

@@ -514,7 +514,7 @@ def image_folder_dataset(
 
     Raises:
         TypeError: if `directory` or `captions_file` is not a path.
-        ValueError: if the folder does not exist or holds no images, if an
+        ValueError: if the folder does not exist or contains no images, if an
             image has no caption or a captioned file is missing, if the
             captions file is malformed, if a file is not a readable image,
             or if another argument is invalid.

@@ -514,7 +514,7 @@ class JetFormerCausalLM(JetFormerTrainingMixin, CausalLM):
     def _score_candidates(self, cache, inputs, token_ids, score_mask):
         """Summed log-likelihoods `[b * c]` of `c` candidates for `b` images.
 
-        `cache` holds each image's `[BOI, image]`; `inputs` `[c, T]` are
+        `cache` contains each image's `[BOI, image]`; `inputs` `[c, T]` are
         BOS followed by all but the last of `token_ids` `[c, T]`. Rows are
         ordered image-major.
         """

@@ -371,8 +371,8 @@ def test_local_tasks(local_preset, saved_backbone):
     mixed = JetFormerTextToImage.from_preset(local_preset, dtype="mixed_bfloat16")
     assert mixed.backbone.dtype_policy.name == "mixed_bfloat16"
 
-    # The preset holds a text-to-image task; the captioning task is built
-    # from its backbone, tokenizer and image converter.
+    # The preset contains a text-to-image task, so the captioning task is
+    # built from its backbone, tokenizer and image converter.
     causal_lm = JetFormerCausalLM.from_preset(local_preset)
     assert isinstance(causal_lm.preprocessor, JetFormerCausalLMPreprocessor)
     for loaded, saved in zip(

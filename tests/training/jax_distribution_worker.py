@@ -226,7 +226,7 @@ def main(output_path):
 
     results = {"num_devices": len(jax.devices())}
     batch = tiny_batch(BATCH_SIZE, seed=0, config=CONFIG)
-    # Identical images in every row: only the noise tells rows apart.
+    # Identical images in every row: only the noise distinguishes the rows.
     same_images = np.repeat(batch["images"][:1], BATCH_SIZE, axis=0)
     same_batch = {**batch, "images": same_images}
 

@@ -94,7 +94,7 @@ def test_layout_map_shards_kernels(results):
     for path, spec in sharded.items():
         entry = shardings[path]
         assert entry["spec"] == spec, path
-        # Each device holds a quarter of the model-axis dimension.
+        # Each device stores a quarter of the model-axis dimension.
         axis = spec.index("model")
         assert entry["shard_shape"][axis] * 4 == entry["shape"][axis], path
 
@@ -118,8 +118,8 @@ def test_optimizer_state_is_sharded(results):
 
 @pytest.mark.parametrize("name", ("single", *DISTRIBUTIONS))
 def test_rows_draw_different_noise(results, name):
-    # Every row holds the same image; rows 0 and 4 sit on different data
-    # shards under both distributions.
+    # Every row contains the same image. Rows 0 and 4 sit on different
+    # data shards under both distributions.
     noise = np.asarray(results[name]["noise_rows"])
     assert np.abs(noise[0] - noise[4]).max() > 0.1
 
