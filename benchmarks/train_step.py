@@ -26,9 +26,11 @@ keeps it steady when other processes load the machine unevenly. One line
 per backend is machine-readable, e.g. `jax step_s 4.109 images_per_s 7.8
 compile_s 39.1 peak_rss_mb 2909 mfu 31.5% matmul_gflops 86.2 vs_jax 1.00`.
 
-`--remat` also trains jax with rematerialization on and off at
-`--remat-batch-size` (64 by default) and prints the peak RSS of each, the
-XLA buffer sizes of the compiled step and the step-time cost.
+`--remat` also trains each backend of `--runs` with rematerialization on
+and off at `--remat-batch-size` (64 by default) and prints, for each, the
+step time, the peak RSS, the training memory (peak RSS during `fit` minus
+the peak before it) and, on jax, the XLA temporary buffers of the compiled
+step, then the memory saved and the step-time cost.
 
 All processes share the machine with whatever else runs on it, so compare
 numbers from one run.
@@ -142,7 +144,8 @@ def parse_args(argv=None):
     parser.add_argument(
         "--remat",
         action="store_true",
-        help="Also measure jax with rematerialization on and off.",
+        help="Also train each backend of --runs with rematerialization "
+        "on and off and print the memory saved and the time it costs.",
     )
     parser.add_argument(
         "--remat-batch-size",
@@ -400,6 +403,7 @@ def run_worker(args):
     task = build_task(config["backbone"], args.dtype, remat, training_steps=1000)
     jit_compile = run not in ("torch", "tensorflow-no-xla")
     result["jit_compile"] = compile_task(task, jit_compile=jit_compile)
+    rss_before_fit_mb = peak_rss_mb()
     try:
         step_times, matmul_flops, loss = time_fit(
             task, batch, args.steps, measure_matmul
@@ -422,6 +426,7 @@ def run_worker(args):
         compile_s=float(step_times[0] - step_s),
         loss=float(loss),
         peak_rss_mb=peak_rss_mb(),
+        train_rss_mb=peak_rss_mb() - rss_before_fit_mb,
         matmul_flops=float(np.median(matmul_flops[1:])),
         mfu=float(mfu),
     )
@@ -482,6 +487,44 @@ def format_result(run, result, jax_step_s):
     return line
 
 
+def percent_saved(on, off):
+    return f"{100 * (1 - on / off):.1f}%" if off > 0 else "n/a"
+
+
+def compare_remat(args, run):
+    """Train `run` with rematerialization off and on and print the savings.
+
+    Returns False if either training run failed.
+    """
+    off = run_in_subprocess(args, run, args.remat_batch_size, "off")
+    on = run_in_subprocess(args, run, args.remat_batch_size, "on")
+    if off is None or on is None:
+        return False
+    for name, result in (("off", off), ("on", on)):
+        line = (
+            f"{run} remat {name} batch {args.remat_batch_size} step_s "
+            f"{result['step_s']:.3f} peak_rss_mb {result['peak_rss_mb']:.0f} "
+            f"train_rss_mb {result['train_rss_mb']:.0f}"
+        )
+        if "temp_mb" in result:
+            line += f" xla_temp_mb {result['temp_mb']:.0f}"
+        print(line)
+    line = (
+        f"{run} remat memory_saved_rss "
+        f"{percent_saved(on['peak_rss_mb'], off['peak_rss_mb'])} "
+        "memory_saved_train_rss "
+        f"{percent_saved(on['train_rss_mb'], off['train_rss_mb'])}"
+    )
+    if "temp_mb" in on:
+        line += (
+            " memory_saved_xla_temp "
+            f"{percent_saved(on['temp_mb'], off['temp_mb'])}"
+        )
+    line += f" time_cost {100 * (on['step_s'] / off['step_s'] - 1):.1f}%"
+    print(line, flush=True)
+    return True
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
@@ -514,26 +557,13 @@ def main(argv=None):
             print(f"  XLA failed: {result['jit_compile_error']}")
     sys.stdout.flush()
 
+    failed_remat = []
     if args.remat:
-        off = run_in_subprocess(args, "jax", args.remat_batch_size, "off")
-        on = run_in_subprocess(args, "jax", args.remat_batch_size, "on")
-        if off is None or on is None:
-            sys.exit("error: the rematerialization comparison failed")
-        for name, result in (("off", off), ("on", on)):
-            print(
-                f"jax remat {name} batch {args.remat_batch_size} step_s "
-                f"{result['step_s']:.3f} peak_rss_mb "
-                f"{result['peak_rss_mb']:.0f} xla_temp_mb "
-                f"{result['temp_mb']:.0f}"
-            )
-        print(
-            "jax remat memory_saved_rss "
-            f"{100 * (1 - on['peak_rss_mb'] / off['peak_rss_mb']):.1f}% "
-            "memory_saved_xla_temp "
-            f"{100 * (1 - on['temp_mb'] / off['temp_mb']):.1f}% "
-            f"time_cost {100 * (on['step_s'] / off['step_s'] - 1):.1f}%"
-        )
+        for run in args.runs:
+            if not compare_remat(args, run):
+                failed_remat.append(f"{run} remat")
     missing = [run for run in args.runs if run not in results]
+    missing += failed_remat
     if missing:
         sys.exit(f"error: the benchmark failed on: {', '.join(missing)}")
 

@@ -14,3 +14,4 @@ from keras_jetformer.layers.patching import grid_to_tokens
 from keras_jetformer.layers.patching import patchify
 from keras_jetformer.layers.patching import tokens_to_grid
 from keras_jetformer.layers.patching import unpatchify
+from keras_jetformer.layers.rematerialization import rematerialized_call

@@ -17,6 +17,7 @@ from keras_jetformer.layers.patching import grid_to_tokens
 from keras_jetformer.layers.patching import patchify
 from keras_jetformer.layers.patching import tokens_to_grid
 from keras_jetformer.layers.patching import unpatchify
+from keras_jetformer.layers.rematerialization import rematerialized_call
 
 
 def _sum(tensors):
@@ -69,9 +70,9 @@ class JetFlow(keras.layers.Layer):
         seed: int. Seed of the random channel permutations. Defaults to
             `None`.
         remat: bool. Recompute each coupling's activations in the backward
-            pass (`keras.remat`) of `forward_and_log_det` instead of storing
-            them, which saves memory in training at the cost of a second
-            forward pass through the couplings. Defaults to `False`.
+            pass (`rematerialized_call`) of `forward_and_log_det` instead of
+            storing them, which saves memory in training at the cost of a
+            second forward pass through the couplings. Defaults to `False`.
 
     Example:
 
@@ -257,20 +258,17 @@ class JetFlow(keras.layers.Layer):
         return keras.KerasTensor(x.shape, dtype=x.dtype), logdet
 
     def _rematerialized_coupling(self, coupling, tokens, context, training):
-        """Run one coupling under `keras.remat`; return `(tokens, logdet)`."""
+        """Run one rematerialized coupling; return `(tokens, logdet)`."""
 
         # The context is an argument rather than a closure, because
-        # `tf.recompute_grad` differentiates only its arguments and the
-        # variables read inside.
-        def run_coupling(tokens, *context):
+        # `tf.recompute_grad` and `jax.custom_vjp` differentiate only the
+        # arguments and the variables read inside.
+        def run_coupling(tokens, context):
             return coupling.forward_and_log_det(
-                tokens,
-                context=context[0] if context else None,
-                training=training,
+                tokens, context=context, training=training
             )
 
-        inputs = () if context is None else (context,)
-        return keras.remat(run_coupling)(tokens, *inputs)
+        return rematerialized_call(coupling, run_coupling, tokens, context)
 
     def get_config(self):
         config = super().get_config()

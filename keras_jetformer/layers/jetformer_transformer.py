@@ -20,6 +20,7 @@ from keras_hub.layers import ReversibleEmbedding
 
 from keras_jetformer.layers.gaussian_mixture import GaussianMixtureHead
 from keras_jetformer.layers.jetformer_decoder_block import JetFormerDecoderBlock
+from keras_jetformer.layers.rematerialization import rematerialized_call
 
 
 @keras.saving.register_keras_serializable(package="keras_jetformer")
@@ -36,8 +37,8 @@ class JetFormerTransformer(keras.layers.Layer):
 
     See `JetFormerBackbone` for the arguments. With `remat=True` the
     decoder blocks of `run_transformer` (without a cache) recompute their
-    activations in the backward pass (`keras.remat`) instead of storing
-    them.
+    activations in the backward pass (`rematerialized_call`) instead of
+    storing them.
     """
 
     def __init__(
@@ -407,9 +408,9 @@ class JetFormerTransformer(keras.layers.Layer):
     def _rematerialized_block(
         self, block, x, attention_mask, positions, training
     ):
-        """Run one decoder block under `keras.remat`."""
+        """Run one rematerialized decoder block."""
 
-        def run_block(x):
+        def run_block(x, attention_mask, positions):
             return block(
                 x,
                 attention_mask=attention_mask,
@@ -417,7 +418,9 @@ class JetFormerTransformer(keras.layers.Layer):
                 training=training,
             )
 
-        return keras.remat(run_block)(x)
+        return rematerialized_call(
+            block, run_block, x, attention_mask, positions
+        )
 
     def get_config(self):
         config = super().get_config()

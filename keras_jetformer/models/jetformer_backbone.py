@@ -123,8 +123,9 @@ class JetFormerBackbone(Backbone):
             to `None`.
         remat: bool. Rematerialization: recompute the activations of every
             flow coupling and transformer block in the backward pass
-            (`keras.remat`) instead of storing them, which lowers the peak
-            memory of training at the cost of about one more forward pass.
+            (`keras_jetformer.layers.rematerialized_call`) instead of
+            storing them, which lowers the peak memory of training at the
+            cost of about one more forward pass.
             Requires `dropout=0` and `flow_dropout=0`. Defaults to `False`.
         dtype: string or `keras.mixed_precision.DTypePolicy`. Dtype policy of
             the model's computations and weights.
