@@ -92,7 +92,9 @@ def _jax_rematerialized_call(layer, function, args):
         ]
         # NOTE: a NaN or infinite cotangent makes the recomputed inputs
         # NaN; their gradients would be non-finite anyway.
-        dependency = sum(jnp.ravel(leaf)[0].astype("float32") for leaf in floats)
+        dependency = jnp.zeros((), "float32")
+        for leaf in floats:
+            dependency = dependency + jnp.ravel(leaf)[0].astype("float32")
         dependency = dependency * 0.0
 
         def depend(x):
