@@ -167,6 +167,12 @@ def parse_args(argv=None):
         parser.error(f"--steps must be at least 1. Received: {args.steps}")
     if args.batch_size is None:
         args.batch_size = CONFIGS[args.config]["batch_size"]
+    for option, value in (
+        ("--batch-size", args.batch_size),
+        ("--remat-batch-size", args.remat_batch_size),
+    ):
+        if value < 1:
+            parser.error(f"{option} must be at least 1. Received: {value}")
     return args
 
 
