@@ -45,21 +45,21 @@ def rematerialized_call(layer, function, *args):
         The output of `function(*args)`.
     """
     if keras.config.backend() == "jax" and _in_stateless_scope():
-        # JAX differentiates only through stateless calls (`jax.grad` of a
-        # function mapping variable values in a `StatelessScope`).
+        # On JAX, gradients are taken only of stateless calls: `jax.grad`
+        # of a function that maps variable values in a `StatelessScope`.
         return _jax_rematerialized_call(layer, function, args)
 
     # `tf.recompute_grad` differentiates every argument, so only the float
-    # tensors are passed; `None`, masks and positions are put back inside.
-    present = [index for index, arg in enumerate(args) if _is_float(arg)]
+    # tensors are passed. `None`, masks and positions are put back inside.
+    float_indices = [index for index, arg in enumerate(args) if _is_float(arg)]
 
-    def call_present(*present_args):
+    def call_with_floats(*float_args):
         full_args = list(args)
-        for index, arg in zip(present, present_args):
+        for index, arg in zip(float_indices, float_args):
             full_args[index] = arg
         return function(*full_args)
 
-    return keras.remat(call_present)(*(args[index] for index in present))
+    return keras.remat(call_with_floats)(*(args[i] for i in float_indices))
 
 
 def _jax_rematerialized_call(layer, function, args):
