@@ -60,7 +60,14 @@ def test_gradients_match_single_device(results, name):
     for gradient, expected in zip(
         results[name]["gradients"], results["single"]["gradients"]
     ):
-        np.testing.assert_allclose(gradient, expected, rtol=1e-5, atol=1e-5)
+        # Sharded matmuls sum their float32 terms in another order, so an
+        # entry near zero can move by a small fraction of the tensor's
+        # largest entry: up to 4e-6 of it in measured runs.
+        expected = np.asarray(expected)
+        scale = max(1.0, float(np.abs(expected).max()))
+        np.testing.assert_allclose(
+            gradient, expected, rtol=1e-5, atol=3e-5 * scale
+        )
 
 
 @pytest.mark.parametrize("name", DISTRIBUTIONS)
