@@ -312,7 +312,7 @@ class JetCoupling(keras.layers.Layer):
                 query=h, value=context, key=context, training=training
             )
         for layer in self.transformer_layers:
-            h = layer(h, training=training)
+            h = self._encode(layer, h, training=training)
         h = self.output_norm(h)
         bias, raw_scale = ops.split(self.output_projection(h), 2, axis=-1)
         bias = ops.cast(bias, "float32")
@@ -321,6 +321,30 @@ class JetCoupling(keras.layers.Layer):
         logdet = ops.log_sigmoid(raw_scale) + math.log(self.scale_factor)
         logdet = ops.sum(logdet, axis=(1, 2))
         return bias, scale, logdet
+
+    @staticmethod
+    def _encode(layer, h, training=None):
+        """Return `layer(h)` for a pre-norm keras-hub `TransformerEncoder`.
+
+        The encoder's sublayers run as in its `call`, except that the MLP
+        runs on the tokens flattened to `[B * N, E]`. On jax, XLA's CPU
+        compiler copies and transposes `[B, N, E]` activations for the
+        weight gradients of the MLP's matmuls. The gradient of 16 encoders
+        of width 128 on 64 tokens at batch 32 took 1.44 s that way and
+        1.02 s flattened.
+        """
+        x = layer._self_attention_layer_norm(h)
+        x = layer._self_attention_layer(query=x, value=x, training=training)
+        x = layer._self_attention_dropout(x, training=training)
+        x = x + h
+
+        y = layer._feedforward_layer_norm(x)
+        y = ops.reshape(y, (-1, x.shape[-1]))
+        y = layer._feedforward_intermediate_dense(y)
+        y = layer._feedforward_output_dense(y)
+        y = ops.reshape(y, ops.shape(x))
+        y = layer._feedforward_dropout(y, training=training)
+        return x + y
 
     def forward_and_log_det(self, x, context=None, training=None):
         """Map `x` `[B, N, D]` to `(y, logdet)`; `logdet` is `[B]` nats."""

@@ -472,6 +472,16 @@ class JetCouplingTest(TestCase):
             float(to_numpy(logdet)[0]), expected, atol=1e-4, rtol=1e-3
         )
 
+    def test_flattened_encoder_matches_keras_hub(self):
+        coupling = self.build_coupling("channels", None)
+        hidden = ops.convert_to_tensor(uniform_inputs((3, 4, 16), seed=10))
+
+        for layer in coupling.transformer_layers:
+            expected = to_numpy(layer(hidden))
+            actual = to_numpy(coupling._encode(layer, hidden))
+            self.assertGreater(np.abs(expected - to_numpy(hidden)).max(), 0.1)
+            self.assertAllClose(actual, expected, atol=1e-6, rtol=1e-6)
+
     @parameterized.named_parameters(*coupling_cases())
     def test_split_follows_permutation(self, kind, pattern):
         coupling = self.build_coupling(kind, pattern, perturb=False)
