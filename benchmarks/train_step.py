@@ -34,14 +34,17 @@ images_per_s 27.5 compile_s 13.1 peak_rss_mb 3060 mfu 67.2% matmul_gflops
 `--remat` also trains each backend of `--runs` with rematerialization on
 and off at `--remat-batch-size` (64 by default) and prints, for each, the
 step time, the peak RSS, the training memory (peak RSS during `fit` minus
-the peak before it) and, on jax, the XLA temporary buffers of the compiled
-step, then the memory saved and the step-time cost.
+the peak before it), the step memory (peak RSS of the steps after the
+first, counted from the RSS left once freed memory is returned to the
+system) and, on jax, the XLA temporary buffers of the compiled step, then
+the memory saved and the step-time cost.
 
 All processes share the machine with whatever else runs on it, so compare
 numbers from one run.
 """
 
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -242,6 +245,40 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def reset_peak_rss():
+    """Return freed memory to the system, then restart the `VmHWM` peak.
+
+    glibc keeps memory that the program freed (e.g. the compiler's) in the
+    process, so without `malloc_trim` the restarted peak would still count
+    it. Returns False where `/proc/self/clear_refs` cannot be written
+    (outside Linux). The reset also restarts `ru_maxrss`, which Linux
+    takes from the same counter.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as file:
+            file.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_since_reset_mb():
+    """Return `VmHWM` in MB, or None where `/proc/self/status` lacks it."""
+    try:
+        with open("/proc/self/status") as file:
+            for line in file:
+                if line.startswith("VmHWM:"):
+                    # The value is in kB.
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def make_matmul_benchmark(size=MATMUL_SIZE):
     """Return `measure(repeats)`: the best float32 matmul FLOP/s right now.
 
@@ -328,6 +365,8 @@ class StepTimer:
             def on_train_begin(self, logs=None):
                 self.step_times = []
                 self.matmul_flops = []
+                self.peak_reset = False
+                self.first_step_peak_mb = None
 
             def on_train_batch_begin(self, batch, logs=None):
                 self.start = time.perf_counter()
@@ -337,6 +376,10 @@ class StepTimer:
                 float(logs["loss"])
                 self.step_times.append(time.perf_counter() - self.start)
                 self.matmul_flops.append(measure_matmul())
+                if batch == 0:
+                    # The steps after this one run the compiled step only.
+                    self.first_step_peak_mb = peak_rss_mb()
+                    self.peak_reset = reset_peak_rss()
 
         return Timer()
 
@@ -344,8 +387,11 @@ class StepTimer:
 def time_fit(task, batch, steps, measure_matmul):
     """Run `fit` for `steps + 1` steps.
 
-    Returns `(step_times, matmul_flops, final_loss)`, with one entry per
-    step in the first two.
+    Returns `(step_times, matmul_flops, final_loss, peak_rss)`, with one
+    entry per step in the first two. `peak_rss` maps `first_step_mb` to the
+    process's peak RSS up to the end of the first step, which compiles, and
+    `step_mb` to the peak over the steps after it (None where it cannot be
+    measured).
     """
     import numpy as np
 
@@ -362,10 +408,15 @@ def time_fit(task, batch, steps, measure_matmul):
         verbose=0,
         callbacks=[timer],
     )
+    peak_rss = {
+        "first_step_mb": timer.first_step_peak_mb,
+        "step_mb": peak_rss_since_reset_mb() if timer.peak_reset else None,
+    }
     return (
         np.array(timer.step_times),
         np.array(timer.matmul_flops),
         history.history["loss"][-1],
+        peak_rss,
     )
 
 
@@ -416,7 +467,7 @@ def run_worker(args):
     result["jit_compile"] = compile_task(task, jit_compile=jit_compile)
     rss_before_fit_mb = peak_rss_mb()
     try:
-        step_times, matmul_flops, loss = time_fit(
+        step_times, matmul_flops, loss, peak_rss = time_fit(
             task, batch, args.steps, measure_matmul
         )
     except Exception as error:
@@ -426,9 +477,11 @@ def run_worker(args):
         result["jit_compile_error"] = f"{type(error).__name__}: {error}"[:300]
         task = build_task(config["backbone"], args.dtype, remat, 1000)
         result["jit_compile"] = compile_task(task, jit_compile=False)
-        step_times, matmul_flops, loss = time_fit(
+        step_times, matmul_flops, loss, peak_rss = time_fit(
             task, batch, args.steps, measure_matmul
         )
+    # Resetting the peak after the first step also reset `ru_maxrss`.
+    process_peak_mb = max(peak_rss_mb(), peak_rss["first_step_mb"] or 0.0)
     # The first step compiles.
     step_s = float(np.median(step_times[1:]))
     mfu = np.median(step_flops / step_times[1:] / matmul_flops[1:])
@@ -436,8 +489,9 @@ def run_worker(args):
         step_s=step_s,
         compile_s=float(step_times[0] - step_s),
         loss=float(loss),
-        peak_rss_mb=peak_rss_mb(),
-        train_rss_mb=peak_rss_mb() - rss_before_fit_mb,
+        peak_rss_mb=process_peak_mb,
+        train_rss_mb=process_peak_mb - rss_before_fit_mb,
+        step_rss_mb=peak_rss["step_mb"],
         matmul_flops=float(np.median(matmul_flops[1:])),
         best_matmul_flops=float(np.max(matmul_flops)),
         flops_per_s=float(step_flops / step_s),
@@ -522,6 +576,8 @@ def compare_remat(args, run):
             f"{result['step_s']:.3f} peak_rss_mb {result['peak_rss_mb']:.0f} "
             f"train_rss_mb {result['train_rss_mb']:.0f}"
         )
+        if result.get("step_rss_mb") is not None:
+            line += f" step_rss_mb {result['step_rss_mb']:.0f}"
         if "temp_mb" in result:
             line += f" xla_temp_mb {result['temp_mb']:.0f}"
         print(line)
@@ -531,6 +587,11 @@ def compare_remat(args, run):
         "memory_saved_train_rss "
         f"{percent_saved(on['train_rss_mb'], off['train_rss_mb'])}"
     )
+    if on.get("step_rss_mb") is not None and off.get("step_rss_mb") is not None:
+        line += (
+            " memory_saved_step_rss "
+            f"{percent_saved(on['step_rss_mb'], off['step_rss_mb'])}"
+        )
     if "temp_mb" in on:
         line += (
             " memory_saved_xla_temp "

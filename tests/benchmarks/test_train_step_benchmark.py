@@ -81,3 +81,24 @@ def test_benchmark_percent_saved(benchmark):
     assert benchmark.percent_saved(60.0, 100.0) == "40.0%"
     assert benchmark.percent_saved(120.0, 100.0) == "-20.0%"
     assert benchmark.percent_saved(1.0, 0.0) == "n/a"
+
+
+@pytest.mark.skipif(
+    not pathlib.Path("/proc/self/clear_refs").exists(),
+    reason="Resetting the peak RSS needs Linux's /proc/self/clear_refs.",
+)
+def test_benchmark_peak_rss_reset(benchmark):
+    import numpy as np
+
+    # 400 MB written page by page, then freed.
+    block = np.ones(50_000_000)
+    del block
+    peak_before_mb = benchmark.peak_rss_since_reset_mb()
+    assert benchmark.reset_peak_rss()
+    peak_after_reset_mb = benchmark.peak_rss_since_reset_mb()
+    assert peak_after_reset_mb < peak_before_mb - 300
+
+    # A new 200 MB block raises the restarted peak again.
+    block = np.ones(25_000_000)
+    assert benchmark.peak_rss_since_reset_mb() > peak_after_reset_mb + 150
+    del block
