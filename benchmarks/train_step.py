@@ -27,9 +27,9 @@ machine the paired ratio flatters a backend whose process measures slower
 matmuls (jax measured 135-147 GFLOP/s beside 170-207 in the other
 processes of the same runs), so the summary also prints
 `mfu_vs_best`: model FLOP/s over the best matmul throughput of the whole
-run. One line per backend is machine-readable, e.g. `jax step_s 1.165
-images_per_s 27.5 compile_s 13.1 peak_rss_mb 3060 mfu 67.2% matmul_gflops
-142.6 mfu_vs_best 46.7% vs_jax 1.00`.
+run. One line per backend is machine-readable, e.g. `jax step_s 1.122
+images_per_s 28.5 compile_s 13.8 peak_rss_mb 2961 mfu 67.6% matmul_gflops
+145.6 mfu_vs_best 46.8% vs_jax 1.00`.
 
 `--remat` also trains each backend of `--runs` with rematerialization on
 and off at `--remat-batch-size` (64 by default) and prints, for each, the
