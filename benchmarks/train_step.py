@@ -480,7 +480,7 @@ def run_worker(args):
         step_times, matmul_flops, loss, peak_rss = time_fit(
             task, batch, args.steps, measure_matmul
         )
-    # Resetting the peak after the first step also reset `ru_maxrss`.
+    # The reset after the first step also restarted `ru_maxrss`.
     process_peak_mb = max(peak_rss_mb(), peak_rss["first_step_mb"] or 0.0)
     # The first step compiles.
     step_s = float(np.median(step_times[1:]))

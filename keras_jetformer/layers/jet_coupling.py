@@ -326,6 +326,9 @@ class JetCoupling(keras.layers.Layer):
     def _encode(layer, h, training=None):
         """Return `layer(h)` for a pre-norm keras-hub `TransformerEncoder`.
 
+        Masks are not supported, because the coupling's encoders see every
+        token.
+
         The encoder's sublayers run as in its `call`, except that the MLP
         runs on the tokens flattened to `[B * N, E]`. On jax, XLA's CPU
         compiler copies and transposes `[B, N, E]` activations for the
