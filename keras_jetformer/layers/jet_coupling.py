@@ -326,8 +326,8 @@ class JetCoupling(keras.layers.Layer):
     def _encode(layer, h, training=None):
         """Return `layer(h)` for a pre-norm keras-hub `TransformerEncoder`.
 
-        Masks are not supported, because the coupling's encoders attend to every
-        token.
+        Masks are not supported, because the coupling's encoders attend to
+        every token.
 
         The encoder's sublayers run as in its `call`, except that the MLP
         runs on the tokens flattened to `[B * N, E]`. On jax, XLA's CPU
